@@ -1,0 +1,137 @@
+"""The gRPC server: services, health, reflection, interceptor, and a graceful stop.
+
+Health (grpc.health.v1) is NOT_SERVING until the database answers and is migrated to head, again
+whenever the database goes away, and for good once draining starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from everything.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
+from everything.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
+from everything.image.v1 import image_service_pb2, image_service_pb2_grpc
+from everything.preferences.v1 import preferences_service_pb2, preferences_service_pb2_grpc
+from everything.search.v1 import search_service_pb2, search_service_pb2_grpc
+from everything_server.auth.servicer import AuthServicer
+from everything_server.config import Settings
+from everything_server.container import Container
+from everything_server.db import migrate
+from everything_server.rpc.interceptor import ServerInterceptor
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_SECONDS = 2.0
+
+
+def _services(c: Container) -> list[tuple[str, object, object]]:
+    """(full service name, servicer, add function). A base servicer answers UNIMPLEMENTED."""
+    return [
+        (auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+         AuthServicer(c.auth, c.exporter), auth_service_pb2_grpc.add_AuthServiceServicer_to_server),
+        (chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+         chat_service_pb2_grpc.ChatServiceServicer(), chat_service_pb2_grpc.add_ChatServiceServicer_to_server),
+        (search_service_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
+         search_service_pb2_grpc.SearchServiceServicer(), search_service_pb2_grpc.add_SearchServiceServicer_to_server),
+        (image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+         image_service_pb2_grpc.ImageServiceServicer(), image_service_pb2_grpc.add_ImageServiceServicer_to_server),
+        (preferences_service_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
+         preferences_service_pb2_grpc.PreferencesServiceServicer(),
+         preferences_service_pb2_grpc.add_PreferencesServiceServicer_to_server),
+    ]
+
+
+class App:
+    def __init__(self, settings: Settings, container: Container | None = None):
+        self.settings = settings
+        self.container = container
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._service_names: list[str] = []
+        self._draining = False
+        self._watcher: asyncio.Task | None = None
+        self._owns_container = container is None
+
+    async def start(self) -> int:
+        s = self.settings
+        if self.container is None:
+            self.container = await Container.create(s)
+        c = self.container
+        if s.migrate_on_start:
+            await migrate.upgrade_async(c.database_url)
+        self.server = grpc.aio.server(
+            interceptors=[ServerInterceptor(c.tokens.verify_access)],
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        for name, servicer, add in _services(c):
+            add(servicer, self.server)
+            self._service_names.append(name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        await self._set_health(False)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        await self.server.start()
+        await self._check_health()
+        self._watcher = asyncio.create_task(self._watch_health(), name="health-watcher")
+        log.info("listening", extra={"host": s.host, "port": self.port, "mock_model": s.uses_mock_model})
+        return self.port
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def _check_health(self) -> bool:
+        assert self.container is not None
+        try:
+            async with asyncio.timeout(HEALTH_INTERVAL_SECONDS * 2):
+                revision = await self.container.db.current_revision()
+            ok = revision is not None and revision == migrate.head_revision()
+            if not ok:
+                log.warning("database is not migrated to head", extra={"revision": revision})
+        except Exception as exc:  # any failure to reach the database means not serving
+            log.warning("database is not reachable", extra={"error": type(exc).__name__})
+            ok = False
+        if not self._draining:
+            await self._set_health(ok)
+        return ok
+
+    async def _watch_health(self) -> None:
+        while not self._draining:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            await self._check_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, give running ones `grace` seconds, then close."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._draining = True
+        if self._watcher:
+            self._watcher.cancel()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"grace_seconds": grace})
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.container is not None and self._owns_container:
+            await self.container.aclose()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()

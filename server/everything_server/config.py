@@ -1,0 +1,144 @@
+"""Settings, parsed once from the environment (and an optional `.env`) and validated at start-up.
+
+Most variables carry the `EVERYTHING_` prefix; the well-known ones (`DATABASE_URL`, `OPENAI_API_KEY`,
+`OPENAI_BASE_URL`) are read under their usual names too.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "everything"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EVERYTHING_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+
+    # Network
+    host: str = "[::]"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; off when unset")
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=600)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    # Storage
+    database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "EVERYTHING_DATABASE_URL")
+    )
+    migration_database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("MIGRATION_DATABASE_URL", "EVERYTHING_MIGRATION_DATABASE_URL")
+    )
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    db_pool_size: int = Field(10, ge=1, le=200)
+    db_max_overflow: int = Field(10, ge=0, le=200)
+    migrate_on_start: bool = False
+
+    # Auth
+    jwt_issuer: str = "everything"
+    jwt_audience: str = "everything-api"
+    # Signing keys as "kid:secret" pairs, comma separated. The first one signs; all of them verify.
+    jwt_keys: SecretStr | None = None
+    access_token_ttl_minutes: int = Field(15, ge=1, le=24 * 60)
+    refresh_token_ttl_days: int = Field(30, ge=1, le=365)
+    argon2_time_cost: int = Field(2, ge=2, le=20)
+    argon2_memory_kib: int = Field(19 * 1024, ge=19 * 1024, le=4 * 1024 * 1024)
+    argon2_parallelism: int = Field(1, ge=1, le=16)
+    # Key for signed URLs and page cursors; generated and kept in the data folder when unset.
+    url_signing_key: SecretStr | None = None
+    image_url_base: str = "http://localhost:8080"
+    image_url_ttl_seconds: int = Field(3600, ge=10, le=7 * 24 * 3600)
+
+    # AI upstream (any OpenAI-compatible server). No key: the built-in mock model is started.
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "EVERYTHING_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_BASE_URL", "EVERYTHING_OPENAI_BASE_URL")
+    )
+    chat_model: str = "gpt-4o-mini"
+    title_model: str | None = None
+    image_model: str = "gpt-image-1"
+    openai_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    openai_connect_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    # A stream that sends nothing for this long is treated as stalled.
+    openai_stall_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    openai_max_retries: int = Field(2, ge=0, le=10)
+    default_system_prompt: str = "You are a helpful assistant."
+    default_temperature: float = Field(0.7, ge=0, le=2)
+    history_budget_chars: int = Field(24_000, ge=1_000, le=2_000_000)
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+    @field_validator("jwt_keys")
+    @classmethod
+    def _jwt_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_jwt_keys(v.get_secret_value())
+        return v
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        if self.environment is Environment.PRODUCTION:
+            problems = []
+            if self.jwt_keys is None:
+                problems.append("EVERYTHING_JWT_KEYS must be set (a generated key is for development only)")
+            if self.url_signing_key is None:
+                problems.append("EVERYTHING_URL_SIGNING_KEY must be set")
+            if self.database_url is None:
+                problems.append("DATABASE_URL must be set (the embedded PostgreSQL is for development only)")
+            if self.openai_api_key is None and self.openai_base_url is None:
+                problems.append("OPENAI_API_KEY or OPENAI_BASE_URL must be set (the mock model is for development only)")
+            if problems:
+                raise ValueError("production settings are incomplete: " + "; ".join(problems))
+        return self
+
+    @property
+    def uses_mock_model(self) -> bool:
+        return self.openai_api_key is None and self.openai_base_url is None
+
+
+def parse_jwt_keys(raw: str) -> list[tuple[str, str]]:
+    """Parse "kid:secret,kid2:secret2". Secrets must be at least 32 bytes (HS256 wants 256 bits)."""
+    keys: list[tuple[str, str]] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        kid, sep, secret = part.partition(":")
+        if not sep or not kid or not secret:
+            raise ValueError("each key must look like kid:secret")
+        if len(secret.encode()) < 32:
+            raise ValueError(f"key {kid!r} is shorter than 32 bytes")
+        if any(k == kid for k, _ in keys):
+            raise ValueError(f"key id {kid!r} appears twice")
+        keys.append((kid, secret))
+    if not keys:
+        raise ValueError("no keys given")
+    return keys

@@ -1,0 +1,85 @@
+"""Explicit wiring: settings in, every long-lived object out. No module-level engines or clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from everything_server import keys
+from everything_server.auth import repository as auth_repo
+from everything_server.auth.convert import session_export, user_export
+from everything_server.auth.export import Exporter
+from everything_server.auth.passwords import Passwords
+from everything_server.auth.service import AuthService
+from everything_server.auth.tokens import TokenService
+from everything_server.config import Settings, parse_jwt_keys
+from everything_server.db import Database
+from everything_server.db.embedded import start_embedded
+from everything_server.rpc.context import Principal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Container:
+    settings: Settings
+    database_url: str
+    db: Database
+    tokens: TokenService
+    passwords: Passwords
+    auth: AuthService
+    exporter: Exporter
+    url_signing_key: bytes
+    # Called in order at shutdown (after the gRPC server stopped taking calls), newest last.
+    shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Container:
+        if settings.database_url is not None:
+            url = settings.database_url.get_secret_value()
+        else:
+            url = await asyncio.to_thread(start_embedded, settings.data_dir)
+            log.warning("DATABASE_URL is not set: using the embedded PostgreSQL",
+                        extra={"data_dir": str(settings.data_dir)})
+        if settings.jwt_keys is not None:
+            jwt_keys = parse_jwt_keys(settings.jwt_keys.get_secret_value())
+        else:
+            jwt_keys = [("local-dev", keys.load_or_create(settings.data_dir, "jwt"))]
+            log.warning("EVERYTHING_JWT_KEYS is not set: using a generated development key from the data folder")
+        if settings.url_signing_key is not None:
+            url_key = settings.url_signing_key.get_secret_value().encode()
+        else:
+            url_key = keys.load_or_create(settings.data_dir, "url-signing").encode()
+
+        db = Database(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+        tokens = TokenService(jwt_keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                              access_ttl=timedelta(minutes=settings.access_token_ttl_minutes))
+        passwords = Passwords(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib,
+                              parallelism=settings.argon2_parallelism)
+        auth = AuthService(db, passwords, tokens, refresh_ttl=timedelta(days=settings.refresh_token_ttl_days))
+
+        async def export_header(p: Principal) -> dict:
+            return user_export(await auth.current_user(p))
+
+        async def export_sessions(p: Principal, include_bytes: bool):
+            async with db.transaction(p.user_id, p.session_id) as s:
+                rows = await auth_repo.all_sessions(s, p.user_id)
+            for row in rows:
+                yield session_export(row)
+
+        exporter = Exporter(export_header)
+        exporter.add_section("sessions", export_sessions)
+        container = cls(settings=settings, database_url=url, db=db, tokens=tokens, passwords=passwords,
+                        auth=auth, exporter=exporter, url_signing_key=url_key)
+        container.shutdown_hooks.append(db.dispose)
+        return container
+
+    async def aclose(self) -> None:
+        for hook in reversed(self.shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")

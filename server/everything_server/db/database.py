@@ -1,0 +1,92 @@
+"""The engine and the one way to run a unit of work: a short transaction with the caller set.
+
+Every unit of work on behalf of a user starts with `set_config('app.user_id', <id>, true)`: the
+setting is transaction-local, so it can never leak to the next user of a pooled connection, and
+row-level security policies can rely on it. The same round trip checks that the caller's session is
+still live, so a revoked session's access token stops working at once, on every replica.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from everything_server import errors
+
+_SET_CALLER = text(
+    "SELECT set_config('app.user_id', :uid, true) AS uid, "
+    "       app_session_is_live(CAST(:sid AS uuid), CAST(:uid AS uuid)) AS live"
+)
+_SET_USER = text("SELECT set_config('app.user_id', :uid, true)")
+
+
+def asyncpg_url(url: str) -> str:
+    """Accept plain postgres:// URLs and point SQLAlchemy at asyncpg."""
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix):]
+    raise ValueError("DATABASE_URL must be a postgresql:// URL")
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (ConnectionError, OSError)) and not isinstance(exc, FileNotFoundError)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
+        self.url = asyncpg_url(url)
+        self.engine: AsyncEngine = create_async_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=10,
+            pool_recycle=1800,
+            echo=echo,
+            connect_args={"server_settings": {"application_name": "everything-server"}},
+        )
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(
+        self, user_id: uuid.UUID | None = None, session_id: uuid.UUID | None = None
+    ) -> AsyncIterator[AsyncSession]:
+        """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
+        the caller's sign-in session must still be live or `Unauthenticated` is raised."""
+        try:
+            async with self.sessionmaker.begin() as session:
+                if user_id is not None and session_id is not None:
+                    row = (await session.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})).one()
+                    if not row.live:
+                        raise errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
+                elif user_id is not None:
+                    await session.execute(_SET_USER, {"uid": str(user_id)})
+                yield session
+        except errors.DomainError:
+            raise
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+            raise
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def current_revision(self) -> str | None:
+        async with self.engine.connect() as conn:
+            exists = (await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))).scalar()
+            if not exists:
+                return None
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,179 @@
+"""The one server interceptor: request id, authentication, error mapping and the access log.
+
+Authentication: `authorization: Bearer <jwt>` → the caller in a ContextVar. Methods outside the
+PUBLIC allow-list are refused with UNAUTHENTICATED before the handler runs. Domain errors become
+statuses with details (rpc.status); anything unexpected becomes INTERNAL with a request id and no
+internals. Access logs carry method, code, duration and request id; never tokens or payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from everything_server import errors
+from everything_server.rpc import context as ctx
+from everything_server.rpc import status as st
+
+log = logging.getLogger("everything.access")
+err_log = logging.getLogger("everything.rpc")
+
+PUBLIC_METHODS = frozenset(
+    {
+        "/everything.auth.v1.AuthService/SignUp",
+        "/everything.auth.v1.AuthService/SignIn",
+        "/everything.auth.v1.AuthService/RefreshToken",
+        "/everything.image.v1.ImageService/DownloadImage",
+    }
+)
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+Verifier = Callable[[str], ctx.Principal]
+
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            out.setdefault(key.lower(), value)
+    return out
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, verify_access_token: Verifier, observer=None):
+        self._verify = verify_access_token
+        self._observer = observer  # metrics hook: observer(method, code_name, seconds)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith(PUBLIC_PREFIXES):
+            return handler
+        md = _metadata(handler_call_details)
+        rid = md.get("x-request-id", "")
+        if not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        public = method in PUBLIC_METHODS
+        auth_header = md.get("authorization", "")
+
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request, context):
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                tokens = self._enter(rid, auth_header, public)
+                try:
+                    context.set_trailing_metadata((("x-request-id", rid),))
+                    self._authenticate(tokens, auth_header, public)
+                    return await behavior(request, context)
+                except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised when not ours
+                    code = _code_for(exc)
+                    await self._handle(exc, context, rid, method)
+                finally:
+                    self._exit(tokens, method, code, start, rid)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+
+        if handler.unary_stream:
+            stream_behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                tokens = self._enter(rid, auth_header, public)
+                try:
+                    await context.send_initial_metadata((("x-request-id", rid),))
+                    self._authenticate(tokens, auth_header, public)
+                    async for item in stream_behavior(request, context):
+                        yield item
+                except BaseException as exc:  # noqa: BLE001
+                    code = _code_for(exc)
+                    await self._handle(exc, context, rid, method)
+                finally:
+                    self._exit(tokens, method, code, start, rid)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _enter(self, rid: str, auth_header: str, public: bool):
+        return (ctx.set_request_id(rid), ctx.set_principal(None))
+
+    def _authenticate(self, tokens, auth_header: str, public: bool) -> None:
+        if not auth_header:
+            if public:
+                return
+            raise errors.Unauthenticated("missing authorization: Bearer <access token>", reason="TOKEN_MISSING")
+        scheme, _, token = auth_header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            if public:
+                return
+            raise errors.Unauthenticated("authorization must be 'Bearer <access token>'", reason="TOKEN_INVALID")
+        try:
+            ctx.set_principal(self._verify(token.strip()))
+        except errors.Unauthenticated:
+            if not public:
+                raise
+
+    async def _handle(self, exc: BaseException, context, rid: str, method: str) -> None:
+        if isinstance(exc, errors.DomainError):
+            status = st.to_status(exc, rid)
+            await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
+            raise exc
+        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
+            raise exc
+        err_log.error("unhandled error in %s", method, exc_info=exc, extra={"request_id": rid, "method": method})
+        status = st.internal_status(rid)
+        await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
+        raise AssertionError("unreachable")  # abort raises
+
+    def _exit(self, tokens, method: str, code: grpc.StatusCode, start: float, rid: str) -> None:
+        elapsed = time.perf_counter() - start
+        p = ctx.optional_principal()
+        log.info(
+            "rpc",
+            extra={
+                "method": method,
+                "code": code.name,
+                "duration_ms": round(elapsed * 1000, 3),
+                "request_id": rid,
+                "user_id": str(p.user_id) if p else None,
+            },
+        )
+        if self._observer is not None:
+            self._observer(method, code.name, elapsed)
+        try:
+            ctx._request_id.reset(tokens[0])
+            ctx._principal.reset(tokens[1])
+        except ValueError:  # a stream closed from another context; its context dies with it
+            pass
+
+
+def _code_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, errors.DomainError):
+        return st.code_of(exc)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
