@@ -32,18 +32,18 @@ migrate: $(VENV)/.installed
 
 ## Regenerate the Python code from proto/ (committed; CI checks it does not drift).
 generate: $(VENV)/.installed
-	$(PY) scripts/generate.py
+	$(PY) proto/generate.py
 
 check-generated: $(VENV)/.installed
-	$(PY) scripts/generate.py --check
+	$(PY) proto/generate.py --check
 
 buf-lint: node_modules/.installed $(VENV)/.installed
-	$(PY) scripts/generate.py --prepare-includes
+	$(PY) proto/generate.py --prepare-includes
 	npx buf lint
 
 buf-breaking: node_modules/.installed $(VENV)/.installed
-	$(PY) scripts/generate.py --prepare-includes
-	bash scripts/buf-breaking.sh
+	$(PY) proto/generate.py --prepare-includes
+	bash .ci/buf-breaking.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

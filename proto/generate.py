@@ -62,8 +62,15 @@ def run_protoc(out: Path, descriptor_set: Path | None = None) -> None:
         sys.exit("protoc failed")
     # Make every generated folder a regular package so `import everything.chat.v1` is unambiguous.
     for d in [out / "everything", *[p for p in (out / "everything").rglob("*") if p.is_dir()]]:
-        if any(d.glob("*_pb2.py")) or d.name in {"everything", "auth", "chat", "search", "image",
-                                                   "preferences", "errors"}:
+        if any(d.glob("*_pb2.py")) or d.name in {
+            "everything",
+            "auth",
+            "chat",
+            "search",
+            "image",
+            "preferences",
+            "errors",
+        }:
             (d / "__init__.py").touch()
 
 
@@ -71,8 +78,11 @@ def generated_files(base: Path) -> set[str]:
     return {
         str(p.relative_to(base))
         for p in (base / "everything").rglob("*")
-        if p.is_file() and (p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")) or
-                            (p.name == "__init__.py" and p.stat().st_size == 0))
+        if p.is_file()
+        and (
+            p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
+            or (p.name == "__init__.py" and p.stat().st_size == 0)
+        )
     }
 
 
@@ -92,8 +102,10 @@ def main() -> None:
         fresh = generated_files(tmp_out)
         current = generated_files(OUT) if (OUT / "everything").exists() else set()
         if args.check:
-            drift = sorted((fresh ^ current) | {f for f in fresh & current
-                                                if not filecmp.cmp(tmp_out / f, OUT / f, shallow=False)})
+            drift = sorted(
+                (fresh ^ current)
+                | {f for f in fresh & current if not filecmp.cmp(tmp_out / f, OUT / f, shallow=False)}
+            )
             if drift:
                 print("generated code is out of date; run `make generate`:", *drift, sep="\n  ")
                 sys.exit(1)

@@ -35,7 +35,9 @@ def upgrade() -> None:
     op.create_table(
         "sessions",
         sa.Column("id", pg.UUID(as_uuid=True), primary_key=True),
-        sa.Column("user_id", pg.UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "user_id", pg.UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("user_agent", sa.Text, nullable=False, server_default=""),
         sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("last_used_at", TS, nullable=False, server_default=sa.func.now()),
@@ -51,9 +53,14 @@ def upgrade() -> None:
         "refresh_tokens",
         sa.Column("token_hash", sa.LargeBinary, primary_key=True),
         sa.Column(
-            "session_id", pg.UUID(as_uuid=True), sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False
+            "session_id",
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("sessions.id", ondelete="CASCADE"),
+            nullable=False,
         ),
-        sa.Column("user_id", pg.UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "user_id", pg.UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("expires_at", TS, nullable=False),
         sa.Column("used_at", TS),

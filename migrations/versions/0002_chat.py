@@ -30,7 +30,9 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
     )
-    op.create_index("ix_threads_user_updated", "threads", ["user_id", sa.text("updated_at DESC"), sa.text("id DESC")])
+    op.create_index(
+        "ix_threads_user_updated", "threads", ["user_id", sa.text("updated_at DESC"), sa.text("id DESC")]
+    )
 
     op.create_table(
         "messages",

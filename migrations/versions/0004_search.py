@@ -40,7 +40,11 @@ def upgrade() -> None:
         sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
         sa.CheckConstraint("status IN ('running', 'completed', 'cancelled', 'failed')", name="status"),
     )
-    op.create_index("ix_search_queries_user_created", "search_queries", ["user_id", sa.text("created_at DESC"), sa.text("id DESC")])
+    op.create_index(
+        "ix_search_queries_user_created",
+        "search_queries",
+        ["user_id", sa.text("created_at DESC"), sa.text("id DESC")],
+    )
     op.create_index(
         "uq_search_queries_user_client_request_id",
         "search_queries",

@@ -39,7 +39,9 @@ def upgrade() -> None:
         sa.Column("updated_at", TS, nullable=False, server_default=sa.func.now()),
         sa.CheckConstraint("status IN ('generating', 'completed', 'failed')", name="status"),
     )
-    op.create_index("ix_images_user_created", "images", ["user_id", sa.text("created_at DESC"), sa.text("id DESC")])
+    op.create_index(
+        "ix_images_user_created", "images", ["user_id", sa.text("created_at DESC"), sa.text("id DESC")]
+    )
 
     op.create_table(
         "image_blobs",

@@ -63,7 +63,9 @@ async def _migrate(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="everything-server", description=__doc__)
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
-    parser.add_argument("--port", type=int, help="port to listen on (0 picks a free one); env EVERYTHING_PORT")
+    parser.add_argument(
+        "--port", type=int, help="port to listen on (0 picks a free one); env EVERYTHING_PORT"
+    )
     parser.add_argument("--host", help="address to bind; env EVERYTHING_HOST (default [::])")
     parser.add_argument("--migrate", action="store_true", help="upgrade the database before serving")
     args = parser.parse_args(argv)

@@ -19,30 +19,48 @@ from everything.image.v1 import image_service_pb2, image_service_pb2_grpc
 from everything.preferences.v1 import preferences_service_pb2, preferences_service_pb2_grpc
 from everything.search.v1 import search_service_pb2, search_service_pb2_grpc
 from everything_server.auth.servicer import AuthServicer
+from everything_server.chat import wiring as chat_wiring
 from everything_server.config import Settings
 from everything_server.container import Container
 from everything_server.db import migrate
+from everything_server.image import wiring as image_wiring
+from everything_server.preferences import wiring as preferences_wiring
 from everything_server.rpc.interceptor import ServerInterceptor
+from everything_server.search import wiring as search_wiring
 
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_SECONDS = 2.0
 
 
-def _services(c: Container) -> list[tuple[str, object, object]]:
-    """(full service name, servicer, add function). A base servicer answers UNIMPLEMENTED."""
+def _services(c: Container) -> list[tuple[object, object, object]]:
+    """(service descriptor, servicer, add function) for every service, wired by its domain."""
     return [
-        (auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
-         AuthServicer(c.auth, c.exporter), auth_service_pb2_grpc.add_AuthServiceServicer_to_server),
-        (chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
-         chat_service_pb2_grpc.ChatServiceServicer(), chat_service_pb2_grpc.add_ChatServiceServicer_to_server),
-        (search_service_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
-         search_service_pb2_grpc.SearchServiceServicer(), search_service_pb2_grpc.add_SearchServiceServicer_to_server),
-        (image_service_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
-         image_service_pb2_grpc.ImageServiceServicer(), image_service_pb2_grpc.add_ImageServiceServicer_to_server),
-        (preferences_service_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
-         preferences_service_pb2_grpc.PreferencesServiceServicer(),
-         preferences_service_pb2_grpc.add_PreferencesServiceServicer_to_server),
+        (
+            auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"],
+            AuthServicer(c.auth, c.exporter),
+            auth_service_pb2_grpc.add_AuthServiceServicer_to_server,
+        ),
+        (
+            chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"],
+            chat_wiring.install(c),
+            chat_service_pb2_grpc.add_ChatServiceServicer_to_server,
+        ),
+        (
+            search_service_pb2.DESCRIPTOR.services_by_name["SearchService"],
+            search_wiring.install(c),
+            search_service_pb2_grpc.add_SearchServiceServicer_to_server,
+        ),
+        (
+            image_service_pb2.DESCRIPTOR.services_by_name["ImageService"],
+            image_wiring.install(c),
+            image_service_pb2_grpc.add_ImageServiceServicer_to_server,
+        ),
+        (
+            preferences_service_pb2.DESCRIPTOR.services_by_name["PreferencesService"],
+            preferences_wiring.install(c),
+            preferences_service_pb2_grpc.add_PreferencesServiceServicer_to_server,
+        ),
     ]
 
 
@@ -65,6 +83,7 @@ class App:
         c = self.container
         if s.migrate_on_start:
             await migrate.upgrade_async(c.database_url)
+        await c.start()
         self.server = grpc.aio.server(
             interceptors=[ServerInterceptor(c.tokens.verify_access)],
             options=[
@@ -76,9 +95,9 @@ class App:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        for name, servicer, add in _services(c):
+        for descriptor, servicer, add in _services(c):
             add(servicer, self.server)
-            self._service_names.append(name)
+            self._service_names.append(descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -94,7 +113,9 @@ class App:
         return self.port
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
@@ -126,8 +147,11 @@ class App:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"grace_seconds": grace})
+        # Calls in flight and detached generations get the same grace period, side by side.
+        waits = [self.container.drain(grace)] if self.container is not None else []
         if self.server is not None:
-            await self.server.stop(grace)
+            waits.append(self.server.stop(grace))
+        await asyncio.gather(*waits)
         if self.container is not None and self._owns_container:
             await self.container.aclose()
         log.info("stopped")

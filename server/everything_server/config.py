@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     # Network
     host: str = "[::]"
     port: int = Field(50051, ge=0, le=65535)
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; off when unset")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Prometheus /metrics port; off when unset"
+    )
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
@@ -114,7 +116,9 @@ class Settings(BaseSettings):
             if self.database_url is None:
                 problems.append("DATABASE_URL must be set (the embedded PostgreSQL is for development only)")
             if self.openai_api_key is None and self.openai_base_url is None:
-                problems.append("OPENAI_API_KEY or OPENAI_BASE_URL must be set (the mock model is for development only)")
+                problems.append(
+                    "OPENAI_API_KEY or OPENAI_BASE_URL must be set (the mock model is for development only)"
+                )
             if problems:
                 raise ValueError("production settings are incomplete: " + "; ".join(problems))
         return self

@@ -9,15 +9,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from everything_server import keys
+from everything_server.ai.provider import ChatProvider
 from everything_server.auth import repository as auth_repo
 from everything_server.auth.convert import session_export, user_export
 from everything_server.auth.export import Exporter
 from everything_server.auth.passwords import Passwords
 from everything_server.auth.service import AuthService
 from everything_server.auth.tokens import TokenService
+from everything_server.background import Background
 from everything_server.config import Settings, parse_jwt_keys
 from everything_server.db import Database
 from everything_server.db.embedded import start_embedded
+from everything_server.db.pubsub import PubSub
 from everything_server.rpc.context import Principal
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,11 @@ class Container:
     auth: AuthService
     exporter: Exporter
     url_signing_key: bytes
-    # Called in order at shutdown (after the gRPC server stopped taking calls), newest last.
+    pubsub: PubSub
+    background: Background
+    ai: ChatProvider
+    mock_model: object | None = None  # the built-in mock model, when no upstream is configured
+    # Called at shutdown in reverse order of registration, after draining.
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
@@ -42,23 +49,34 @@ class Container:
             url = settings.database_url.get_secret_value()
         else:
             url = await asyncio.to_thread(start_embedded, settings.data_dir)
-            log.warning("DATABASE_URL is not set: using the embedded PostgreSQL",
-                        extra={"data_dir": str(settings.data_dir)})
+            log.warning(
+                "DATABASE_URL is not set: using the embedded PostgreSQL",
+                extra={"data_dir": str(settings.data_dir)},
+            )
         if settings.jwt_keys is not None:
             jwt_keys = parse_jwt_keys(settings.jwt_keys.get_secret_value())
         else:
             jwt_keys = [("local-dev", keys.load_or_create(settings.data_dir, "jwt"))]
-            log.warning("EVERYTHING_JWT_KEYS is not set: using a generated development key from the data folder")
+            log.warning(
+                "EVERYTHING_JWT_KEYS is not set: using a generated development key from the data folder"
+            )
         if settings.url_signing_key is not None:
             url_key = settings.url_signing_key.get_secret_value().encode()
         else:
             url_key = keys.load_or_create(settings.data_dir, "url-signing").encode()
 
         db = Database(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
-        tokens = TokenService(jwt_keys, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                              access_ttl=timedelta(minutes=settings.access_token_ttl_minutes))
-        passwords = Passwords(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib,
-                              parallelism=settings.argon2_parallelism)
+        tokens = TokenService(
+            jwt_keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            access_ttl=timedelta(minutes=settings.access_token_ttl_minutes),
+        )
+        passwords = Passwords(
+            time_cost=settings.argon2_time_cost,
+            memory_kib=settings.argon2_memory_kib,
+            parallelism=settings.argon2_parallelism,
+        )
         auth = AuthService(db, passwords, tokens, refresh_ttl=timedelta(days=settings.refresh_token_ttl_days))
 
         async def export_header(p: Principal) -> dict:
@@ -72,10 +90,48 @@ class Container:
 
         exporter = Exporter(export_header)
         exporter.add_section("sessions", export_sessions)
-        container = cls(settings=settings, database_url=url, db=db, tokens=tokens, passwords=passwords,
-                        auth=auth, exporter=exporter, url_signing_key=url_key)
+        mock_model = None
+        base_url = None
+        if settings.uses_mock_model:
+            from everything_server.ai.mock import MockModelServer
+
+            mock_model = MockModelServer()
+            base_url = await mock_model.start(host="127.0.0.1", port=0)
+            log.warning(
+                "NO OPENAI_API_KEY OR OPENAI_BASE_URL: replies come from the built-in MOCK MODEL, not a real one",
+                extra={"mock_base_url": base_url},
+            )
+        ai = ChatProvider.from_settings(settings, base_url_override=base_url)
+        pubsub = PubSub(url)
+        container = cls(
+            settings=settings,
+            database_url=url,
+            db=db,
+            tokens=tokens,
+            passwords=passwords,
+            auth=auth,
+            exporter=exporter,
+            url_signing_key=url_key,
+            pubsub=pubsub,
+            background=Background(db, pubsub),
+            ai=ai,
+            mock_model=mock_model,
+        )
         container.shutdown_hooks.append(db.dispose)
+        if mock_model is not None:
+            container.shutdown_hooks.append(mock_model.stop)
+        container.shutdown_hooks.append(ai.aclose)
         return container
+
+    async def start(self) -> None:
+        """Open what needs a live database (the LISTEN connection). Called after migrations."""
+        await self.pubsub.start()
+        self.shutdown_hooks.append(self.pubsub.close)
+        await self.background.start()
+
+    async def drain(self, grace: float) -> None:
+        """Let running generations finish within `grace`, then cancel (their partial work is saved)."""
+        await self.background.drain(grace)
 
     async def aclose(self) -> None:
         for hook in reversed(self.shutdown_hooks):

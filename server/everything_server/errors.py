@@ -42,8 +42,8 @@ class InvalidArgument(DomainError):
         self.violations = [FieldViolation(field_name, description)]
 
     @classmethod
-    def many(cls, violations: list[FieldViolation]) -> InvalidArgument:
-        err = cls(violations[0].field, violations[0].description)
+    def many(cls, violations: list[FieldViolation], *, reason: str | None = None) -> InvalidArgument:
+        err = cls(violations[0].field, violations[0].description, reason=reason)
         err.violations = list(violations)
         err.message = "; ".join(f"{v.field}: {v.description}" for v in violations)
         err.args = (err.message,)

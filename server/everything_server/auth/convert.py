@@ -11,8 +11,9 @@ from everything_server.rpc.convert import ts
 
 
 def user_to_proto(user: User) -> auth_pb2.User:
-    return auth_pb2.User(id=str(user.id), email=user.email, display_name=user.display_name,
-                         create_time=ts(user.created_at))
+    return auth_pb2.User(
+        id=str(user.id), email=user.email, display_name=user.display_name, create_time=ts(user.created_at)
+    )
 
 
 def tokens_to_proto(t: IssuedTokens) -> auth_pb2.Tokens:
@@ -21,7 +22,7 @@ def tokens_to_proto(t: IssuedTokens) -> auth_pb2.Tokens:
         access_token_expire_time=ts(t.access_expires_at),
         refresh_token=t.refresh_token,
         refresh_token_expire_time=ts(t.refresh_expires_at),
-        token_type="Bearer",
+        token_type="Bearer",  # noqa: S106 - the OAuth token type, not a secret
     )
 
 
@@ -37,8 +38,12 @@ def session_to_proto(s: Session, current: uuid.UUID) -> auth_pb2.Session:
 
 
 def user_export(user: User) -> dict:
-    return {"id": str(user.id), "email": user.email, "display_name": user.display_name,
-            "created_at": user.created_at.isoformat()}
+    return {
+        "id": str(user.id),
+        "email": user.email,
+        "display_name": user.display_name,
+        "created_at": user.created_at.isoformat(),
+    }
 
 
 def session_export(s: Session) -> dict:

@@ -12,8 +12,21 @@ from everything_server.errors import FieldViolation, InvalidArgument
 MIN_LENGTH = 10
 MAX_LENGTH = 256
 _COMMON = frozenset(
-    {"password12", "password123", "1234567890", "qwertyuiop", "letmein123", "iloveyou12", "0123456789",
-     "passw0rd123", "administrator", "welcome123", "password1234", "abcdefghij", "qwerty1234"}
+    {
+        "password12",
+        "password123",
+        "1234567890",
+        "qwertyuiop",
+        "letmein123",
+        "iloveyou12",
+        "0123456789",
+        "passw0rd123",
+        "administrator",
+        "welcome123",
+        "password1234",
+        "abcdefghij",
+        "qwerty1234",
+    }
 )
 
 
@@ -59,4 +72,4 @@ def check_policy(password: str, *, email: str = "", field: str = "password") -> 
     if "\x00" in password:
         problems.append("must not contain NUL characters")
     if problems:
-        raise InvalidArgument.many([FieldViolation(field, p) for p in problems])
+        raise InvalidArgument.many([FieldViolation(field, p) for p in problems], reason="WEAK_PASSWORD")

@@ -13,8 +13,9 @@ from everything_server.auth.models import RefreshToken, Session, User
 from everything_server.rpc.paging import Cursor
 
 
-async def insert_user(db: AsyncSession, *, user_id: uuid.UUID, email: str, password_hash: str,
-                      display_name: str) -> User | None:
+async def insert_user(
+    db: AsyncSession, *, user_id: uuid.UUID, email: str, password_hash: str, display_name: str
+) -> User | None:
     """Insert the user; None when the email is taken (no exception, so the transaction survives)."""
     stmt = (
         insert(User)
@@ -43,14 +44,16 @@ async def delete_user(db: AsyncSession, user_id: uuid.UUID) -> None:
     await db.execute(delete(User).where(User.id == user_id))
 
 
-async def insert_session(db: AsyncSession, *, session_id: uuid.UUID, user_id: uuid.UUID, user_agent: str,
-                         expires_at: datetime) -> None:
+async def insert_session(
+    db: AsyncSession, *, session_id: uuid.UUID, user_id: uuid.UUID, user_agent: str, expires_at: datetime
+) -> None:
     db.add(Session(id=session_id, user_id=user_id, user_agent=user_agent, expires_at=expires_at))
     await db.flush()
 
 
-async def insert_refresh_token(db: AsyncSession, *, token_hash: bytes, session_id: uuid.UUID,
-                               user_id: uuid.UUID, expires_at: datetime) -> None:
+async def insert_refresh_token(
+    db: AsyncSession, *, token_hash: bytes, session_id: uuid.UUID, user_id: uuid.UUID, expires_at: datetime
+) -> None:
     db.add(RefreshToken(token_hash=token_hash, session_id=session_id, user_id=user_id, expires_at=expires_at))
     await db.flush()
 
@@ -68,7 +71,9 @@ async def lock_refresh_token(db: AsyncSession, token_hash: bytes) -> tuple[Refre
 
 
 async def mark_refresh_token_used(db: AsyncSession, token_hash: bytes) -> None:
-    await db.execute(update(RefreshToken).where(RefreshToken.token_hash == token_hash).values(used_at=func.now()))
+    await db.execute(
+        update(RefreshToken).where(RefreshToken.token_hash == token_hash).values(used_at=func.now())
+    )
 
 
 async def extend_session(db: AsyncSession, session_id: uuid.UUID, expires_at: datetime) -> None:
@@ -100,7 +105,9 @@ async def session_exists(db: AsyncSession, *, user_id: uuid.UUID, session_id: uu
     return (await db.execute(stmt)).first() is not None
 
 
-async def list_live_sessions(db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: Cursor | None) -> list[Session]:
+async def list_live_sessions(
+    db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: Cursor | None
+) -> list[Session]:
     stmt = select(Session).where(
         Session.user_id == user_id, Session.revoked_at.is_(None), Session.expires_at > func.now()
     )

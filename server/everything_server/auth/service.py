@@ -57,21 +57,33 @@ class AuthService:
         session_id = uuid.uuid4()
         now = datetime.now(UTC)
         refresh_expires = now + self._refresh_ttl
-        await repo.insert_session(db, session_id=session_id, user_id=user_id, user_agent=user_agent[:300],
-                                  expires_at=refresh_expires)
+        await repo.insert_session(
+            db,
+            session_id=session_id,
+            user_id=user_id,
+            user_agent=user_agent[:300],
+            expires_at=refresh_expires,
+        )
         return await self._issue(db, user_id, session_id, now)
 
     async def _issue(self, db, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime) -> IssuedTokens:
         refresh = new_refresh_token()
         refresh_expires = now + self._refresh_ttl
-        await repo.insert_refresh_token(db, token_hash=hash_refresh_token(refresh), session_id=session_id,
-                                        user_id=user_id, expires_at=refresh_expires)
+        await repo.insert_refresh_token(
+            db,
+            token_hash=hash_refresh_token(refresh),
+            session_id=session_id,
+            user_id=user_id,
+            expires_at=refresh_expires,
+        )
         access, access_expires = self._tokens.issue_access(user_id, session_id, now)
         return IssuedTokens(access, access_expires, refresh, refresh_expires)
 
     # -- public calls -----------------------------------------------------------------------------
 
-    async def sign_up(self, *, email: str, password: str, display_name: str, user_agent: str = "") -> SignedIn:
+    async def sign_up(
+        self, *, email: str, password: str, display_name: str, user_agent: str = ""
+    ) -> SignedIn:
         email = normalise_email(email)
         check_policy(password, email=email)
         display_name = display_name.strip()
@@ -79,8 +91,9 @@ class AuthService:
             raise errors.InvalidArgument("display_name", "must be at most 100 characters")
         password_hash = await self._passwords.hash(password)
         async with self._db.transaction() as db:
-            user = await repo.insert_user(db, user_id=uuid.uuid4(), email=email, password_hash=password_hash,
-                                          display_name=display_name)
+            user = await repo.insert_user(
+                db, user_id=uuid.uuid4(), email=email, password_hash=password_hash, display_name=display_name
+            )
             if user is None:
                 raise errors.AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
             tokens = await self._start_session(db, user.id, user_agent)
@@ -99,7 +112,9 @@ class AuthService:
         ok = await self._passwords.verify(user.password_hash if user else None, password)
         if not ok or user is None:
             raise errors.Unauthenticated(BAD_CREDENTIALS, reason="INVALID_CREDENTIALS")
-        new_hash = await self._passwords.hash(password) if self._passwords.needs_rehash(user.password_hash) else None
+        new_hash = (
+            await self._passwords.hash(password) if self._passwords.needs_rehash(user.password_hash) else None
+        )
         async with self._db.transaction(user.id) as db:
             if new_hash:
                 await repo.set_password_hash(db, user.id, new_hash)
@@ -120,12 +135,17 @@ class AuthService:
             now = datetime.now(UTC)
             if token.used_at is not None:
                 # Reuse of a spent token means it leaked: end the whole family. Committed, then raised.
-                await repo.revoke_session(db, user_id=session.user_id, session_id=session.id,
-                                          reason="refresh_token_reused")
-                outcome = errors.Unauthenticated("this refresh token was already used; the session is revoked",
-                                                 reason="REFRESH_TOKEN_REUSED")
+                await repo.revoke_session(
+                    db, user_id=session.user_id, session_id=session.id, reason="refresh_token_reused"
+                )
+                outcome = errors.Unauthenticated(
+                    "this refresh token was already used; the session is revoked",
+                    reason="REFRESH_TOKEN_REUSED",
+                )
             elif session.revoked_at is not None:
-                outcome = errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
+                outcome = errors.Unauthenticated(
+                    "the session has ended; sign in again", reason="SESSION_REVOKED"
+                )
             elif token.expires_at <= now or session.expires_at <= now:
                 outcome = errors.Unauthenticated("the refresh token has expired", reason="TOKEN_EXPIRED")
             else:
@@ -149,7 +169,9 @@ class AuthService:
             raise errors.Unauthenticated("the account no longer exists", reason="SESSION_REVOKED")
         return user
 
-    async def list_sessions(self, p: Principal, *, page_size: int, page_token: str) -> tuple[list[Session], str]:
+    async def list_sessions(
+        self, p: Principal, *, page_size: int, page_token: str
+    ) -> tuple[list[Session], str]:
         after = paging.decode(page_token)
         async with self._db.transaction(p.user_id, p.session_id) as db:
             rows = await repo.list_live_sessions(db, user_id=p.user_id, limit=page_size + 1, after=after)
@@ -177,7 +199,9 @@ class AuthService:
         new_hash = await self._passwords.hash(new_password)
         async with self._db.transaction(p.user_id, p.session_id) as db:
             await repo.set_password_hash(db, p.user_id, new_hash)
-            await repo.revoke_other_sessions(db, user_id=p.user_id, keep=p.session_id, reason="password_changed")
+            await repo.revoke_other_sessions(
+                db, user_id=p.user_id, keep=p.session_id, reason="password_changed"
+            )
 
     async def delete_account(self, p: Principal, *, password: str) -> None:
         await self._check_password(p, password, "password")

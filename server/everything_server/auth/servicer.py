@@ -18,15 +18,23 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         self._exporter = exporter
 
     async def SignUp(self, request, context):
-        result = await self._auth.sign_up(email=request.email, password=request.password,
-                                          display_name=request.display_name,
-                                          user_agent=metadata_value(context, "user-agent"))
-        return pb.SignUpResponse(user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens))
+        result = await self._auth.sign_up(
+            email=request.email,
+            password=request.password,
+            display_name=request.display_name,
+            user_agent=metadata_value(context, "user-agent"),
+        )
+        return pb.SignUpResponse(
+            user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens)
+        )
 
     async def SignIn(self, request, context):
-        result = await self._auth.sign_in(email=request.email, password=request.password,
-                                          user_agent=metadata_value(context, "user-agent"))
-        return pb.SignInResponse(user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens))
+        result = await self._auth.sign_in(
+            email=request.email, password=request.password, user_agent=metadata_value(context, "user-agent")
+        )
+        return pb.SignInResponse(
+            user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens)
+        )
 
     async def RefreshToken(self, request, context):
         tokens = await self._auth.refresh(request.refresh_token)
@@ -45,8 +53,9 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         sessions, token = await self._auth.list_sessions(
             p, page_size=validate.page_size(request.page_size), page_token=request.page_token
         )
-        return pb.ListSessionsResponse(sessions=[convert.session_to_proto(s, p.session_id) for s in sessions],
-                                       next_page_token=token)
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_to_proto(s, p.session_id) for s in sessions], next_page_token=token
+        )
 
     async def RevokeSession(self, request, context):
         session_id = validate.parse_uuid("session_id", request.session_id)
@@ -54,8 +63,9 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         return pb.RevokeSessionResponse()
 
     async def ChangePassword(self, request, context):
-        await self._auth.change_password(principal(), current_password=request.current_password,
-                                         new_password=request.new_password)
+        await self._auth.change_password(
+            principal(), current_password=request.current_password, new_password=request.new_password
+        )
         return pb.ChangePasswordResponse()
 
     async def DeleteAccount(self, request, context):

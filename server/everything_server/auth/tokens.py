@@ -32,7 +32,9 @@ class TokenService:
         self._audience = audience
         self.access_ttl = access_ttl
 
-    def issue_access(self, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime | None = None) -> tuple[str, datetime]:
+    def issue_access(
+        self, user_id: uuid.UUID, session_id: uuid.UUID, now: datetime | None = None
+    ) -> tuple[str, datetime]:
         now = now or datetime.now(UTC)
         exp = now + self.access_ttl
         claims = {
@@ -45,8 +47,12 @@ class TokenService:
             "jti": uuid.uuid4().hex,
             "typ": ACCESS_TYPE,
         }
-        token = jwt.encode(claims, self._keys[self._signing_kid], algorithm=ALGORITHM,
-                           headers={"kid": self._signing_kid, "typ": "at+jwt"})
+        token = jwt.encode(
+            claims,
+            self._keys[self._signing_kid],
+            algorithm=ALGORITHM,
+            headers={"kid": self._signing_kid, "typ": "at+jwt"},
+        )
         return token, datetime.fromtimestamp(claims["exp"], UTC)
 
     def verify_access(self, token: str) -> Principal:

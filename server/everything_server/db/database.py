@@ -29,7 +29,7 @@ def asyncpg_url(url: str) -> str:
     """Accept plain postgres:// URLs and point SQLAlchemy at asyncpg."""
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
 
 
@@ -64,9 +64,13 @@ class Database:
         try:
             async with self.sessionmaker.begin() as session:
                 if user_id is not None and session_id is not None:
-                    row = (await session.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})).one()
+                    row = (
+                        await session.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})
+                    ).one()
                     if not row.live:
-                        raise errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
+                        raise errors.Unauthenticated(
+                            "the session has ended; sign in again", reason="SESSION_REVOKED"
+                        )
                 elif user_id is not None:
                     await session.execute(_SET_USER, {"uid": str(user_id)})
                 yield session
@@ -74,7 +78,9 @@ class Database:
             raise
         except Exception as exc:
             if is_connection_error(exc):
-                raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+                raise errors.Unavailable(
+                    "the database is unavailable", reason="DATABASE_UNAVAILABLE"
+                ) from exc
             raise
 
     async def ping(self) -> None:
@@ -83,7 +89,9 @@ class Database:
 
     async def current_revision(self) -> str | None:
         async with self.engine.connect() as conn:
-            exists = (await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))).scalar()
+            exists = (
+                await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))
+            ).scalar()
             if not exists:
                 return None
             return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()

@@ -15,12 +15,16 @@ def start_embedded(data_dir: Path, database: str = DATABASE) -> str:
     """Start (or reuse) the embedded server and return a URL for `database`, creating it if needed."""
     import pgserver  # imported lazily: only the embedded default needs it
 
+    if not database.isidentifier():
+        raise ValueError("database name must be a plain identifier")
+
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server keeps running for the next start (and for other processes of
     # this machine that share the folder); pgserver reuses a running one.
     server = pgserver.get_server(pgdata, cleanup_mode=None)
-    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
+    # psql takes no parameters; the name was checked to be a plain identifier above.
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608
     if "1 row" not in exists:
         server.psql(f'CREATE DATABASE "{database}";')
     log.info("embedded postgresql ready", extra={"data_dir": str(pgdata)})

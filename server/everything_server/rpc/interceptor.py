@@ -83,7 +83,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     self._exit(tokens, method, code, start, rid)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
             )
 
         if handler.unary_stream:
@@ -120,12 +122,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if not auth_header:
             if public:
                 return
-            raise errors.Unauthenticated("missing authorization: Bearer <access token>", reason="TOKEN_MISSING")
+            raise errors.Unauthenticated(
+                "missing authorization: Bearer <access token>", reason="TOKEN_MISSING"
+            )
         scheme, _, token = auth_header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             if public:
                 return
-            raise errors.Unauthenticated("authorization must be 'Bearer <access token>'", reason="TOKEN_INVALID")
+            raise errors.Unauthenticated(
+                "authorization must be 'Bearer <access token>'", reason="TOKEN_INVALID"
+            )
         try:
             ctx.set_principal(self._verify(token.strip()))
         except errors.Unauthenticated:
@@ -135,14 +141,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     async def _handle(self, exc: BaseException, context, rid: str, method: str) -> None:
         if isinstance(exc, errors.DomainError):
             status = st.to_status(exc, rid)
-            await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
+            await context.abort(
+                status.code, status.details, status.trailing_metadata + (("x-request-id", rid),)
+            )
         if isinstance(exc, asyncio.CancelledError):
             raise exc
         if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
             raise exc
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
             raise exc
-        err_log.error("unhandled error in %s", method, exc_info=exc, extra={"request_id": rid, "method": method})
+        err_log.error(
+            "unhandled error in %s", method, exc_info=exc, extra={"request_id": rid, "method": method}
+        )
         status = st.internal_status(rid)
         await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
         raise AssertionError("unreachable")  # abort raises

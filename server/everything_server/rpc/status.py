@@ -59,7 +59,9 @@ def code_of(err: errors.DomainError) -> grpc.StatusCode:
 def to_status(err: errors.DomainError, request_id: str) -> grpc.Status:
     code = code_of(err)
     metadata = {**err.metadata, "request_id": request_id}
-    details = [_pack(error_details_pb2.ErrorInfo(reason=known_reason(err.reason), domain=DOMAIN, metadata=metadata))]
+    details = [
+        _pack(error_details_pb2.ErrorInfo(reason=known_reason(err.reason), domain=DOMAIN, metadata=metadata))
+    ]
     if isinstance(err, errors.InvalidArgument):
         details.append(
             _pack(
@@ -77,7 +79,9 @@ def to_status(err: errors.DomainError, request_id: str) -> grpc.Status:
                 _pack(
                     error_details_pb2.QuotaFailure(
                         violations=[
-                            error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                            error_details_pb2.QuotaFailure.Violation(
+                                subject=v.subject, description=v.description
+                            )
                             for v in err.violations
                         ]
                     )

@@ -24,7 +24,9 @@ def text(field: str, value: str, *, max_len: int, min_len: int = 0, strip: bool 
     if strip:
         value = value.strip()
     if len(value) < min_len:
-        raise InvalidArgument(field, "is required" if min_len == 1 else f"must be at least {min_len} characters")
+        raise InvalidArgument(
+            field, "is required" if min_len == 1 else f"must be at least {min_len} characters"
+        )
     if len(value) > max_len:
         raise InvalidArgument(field, f"must be at most {max_len} characters")
     if "\x00" in value:

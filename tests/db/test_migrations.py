@@ -1,0 +1,58 @@
+"""Migrations go up, all the way down, and up again on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+
+from everything_server.db import migrate
+from tests.conftest import _with_database
+
+EXPECTED_TABLES = {
+    "users",
+    "sessions",
+    "refresh_tokens",
+    "threads",
+    "messages",
+    "preferences",
+    "search_queries",
+    "images",
+    "image_blobs",
+}
+
+
+async def tables(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r["tablename"] for r in rows} - {"alembic_version"}
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_downgrade_upgrade(pg_admin_url):
+    name = f"everything_migr_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = _with_database(pg_admin_url, name)
+    try:
+        await migrate.upgrade_async(url)
+        assert EXPECTED_TABLES <= await tables(url)
+        await migrate.upgrade_async(url)  # a second upgrade is a no-op
+        import asyncio
+
+        await asyncio.to_thread(migrate.downgrade, url, "base")
+        assert await tables(url) == set()
+        await migrate.upgrade_async(url)
+        assert EXPECTED_TABLES <= await tables(url)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def test_there_is_one_head():
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused"))
+    assert len(script.get_heads()) == 1
