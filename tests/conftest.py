@@ -103,6 +103,10 @@ def settings_env(database_url: str, mock_model, jwt_keys: str, tmp_path_factory)
         "EVERYTHING_OPENAI_MAX_RETRIES": "0",
         "EVERYTHING_SHUTDOWN_GRACE_SECONDS": "10",
         "EVERYTHING_LOG_LEVEL": "INFO",
+        # The suite signs up and calls far more than a person would; limits get tests of their own.
+        "EVERYTHING_RATE_LIMIT_PER_MINUTE": "100000",
+        "EVERYTHING_SIGN_UP_PER_ADDRESS_PER_HOUR": "100000",
+        "EVERYTHING_SIGN_IN_ADDRESS_THRESHOLD": "100000",
     }
 
 

@@ -25,7 +25,7 @@ from everything_server.container import Container
 from everything_server.db import migrate
 from everything_server.image import wiring as image_wiring
 from everything_server.preferences import wiring as preferences_wiring
-from everything_server.rpc.interceptor import ServerInterceptor
+from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from everything_server.search import wiring as search_wiring
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _services(c: Container) -> list[tuple[object, object, object]]:
     return [
         (
             auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"],
-            AuthServicer(c.auth, c.exporter),
+            AuthServicer(c.auth, c.exporter, c.settings.trusted_proxy_networks),
             auth_service_pb2_grpc.add_AuthServiceServicer_to_server,
         ),
         (
@@ -85,7 +85,18 @@ class App:
             await migrate.upgrade_async(c.database_url)
         await c.start()
         self.server = grpc.aio.server(
-            interceptors=[ServerInterceptor(c.tokens.verify_access)],
+            interceptors=[
+                ServerInterceptor(
+                    c.tokens.verify_access,
+                    limits=c.limits,
+                    caps=Caps(
+                        rate_limit_per_minute=s.rate_limit_per_minute,
+                        max_streams_per_user=s.max_streams_per_user,
+                        max_streams_per_process=s.max_streams_per_process,
+                        unary_timeout_seconds=s.unary_timeout_seconds,
+                    ),
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -135,9 +146,15 @@ class App:
         return ok
 
     async def _watch_health(self) -> None:
+        beats = 0
         while not self._draining:
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
-            await self._check_health()
+            if await self._check_health() and beats % 300 == 0:  # about every 10 minutes
+                try:
+                    await self.container.limits.sweep()
+                except Exception:  # housekeeping only; the next round tries again
+                    log.warning("could not sweep old rate-limit windows")
+            beats += 1
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, give running ones `grace` seconds, then close."""

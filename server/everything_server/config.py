@@ -6,6 +6,7 @@ Most variables carry the `EVERYTHING_` prefix; the well-known ones (`DATABASE_UR
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -86,6 +87,31 @@ class Settings(BaseSettings):
     default_temperature: float = Field(0.7, ge=0, le=2)
     history_budget_chars: int = Field(24_000, ge=1_000, le=2_000_000)
 
+    # Web search providers: each is on when its URL (SearXNG) or API key (Brave, Tavily) is set.
+    searxng_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    brave_api_key: SecretStr | None = None
+    brave_url: str = Field("https://api.search.brave.com/res/v1/web/search", pattern=r"^https?://\S+$")
+    tavily_api_key: SecretStr | None = None
+    tavily_url: str = Field("https://api.tavily.com/search", pattern=r"^https?://\S+$")
+    search_timeout_seconds: float = Field(8.0, gt=0, le=120)
+
+    # Limits (counted in PostgreSQL, so they hold across replicas)
+    rate_limit_per_minute: int = Field(600, ge=1, description="calls per user, per service, per minute")
+    sign_up_per_address_per_hour: int = Field(20, ge=1)
+    sign_in_account_threshold: int = Field(5, ge=1, description="failed sign-ins before back-off starts")
+    sign_in_address_threshold: int = Field(20, ge=1)
+    sign_in_backoff_base_seconds: float = Field(1.0, gt=0, le=3600)
+    sign_in_backoff_cap_seconds: float = Field(900.0, gt=0, le=86400)
+    quota_daily_chat_tokens: int = Field(1_000_000, ge=1)
+    quota_daily_searches: int = Field(500, ge=1)
+    quota_daily_images: int = Field(100, ge=1)
+    # Server-side caps, per process: refused at once (RESOURCE_EXHAUSTED), never queued.
+    max_streams_per_user: int = Field(8, ge=1, le=10_000)
+    max_streams_per_process: int = Field(2000, ge=1, le=1_000_000)
+    unary_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # Comma-separated CIDRs of proxies (Envoy) whose X-Forwarded-For is believed.
+    trusted_proxies: str = ""
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True
@@ -123,6 +149,16 @@ class Settings(BaseSettings):
                 raise ValueError("production settings are incomplete: " + "; ".join(problems))
         return self
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, v: str) -> str:
+        parse_networks(v)
+        return v
+
+    @property
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return parse_networks(self.trusted_proxies)
+
     @property
     def uses_mock_model(self) -> bool:
         return self.openai_api_key is None and self.openai_base_url is None
@@ -146,3 +182,10 @@ def parse_jwt_keys(raw: str) -> list[tuple[str, str]]:
     if not keys:
         raise ValueError("no keys given")
     return keys
+
+
+def parse_networks(raw: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"not a list of CIDRs: {exc}") from None

@@ -21,6 +21,7 @@ from everything_server.config import Settings, parse_jwt_keys
 from everything_server.db import Database
 from everything_server.db.embedded import start_embedded
 from everything_server.db.pubsub import PubSub
+from everything_server.limits import Limits, SignInPolicy
 from everything_server.rpc.context import Principal
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Container:
     pubsub: PubSub
     background: Background
     ai: ChatProvider
+    limits: Limits
     mock_model: object | None = None  # the built-in mock model, when no upstream is configured
     # Called at shutdown in reverse order of registration, after draining.
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -77,7 +79,23 @@ class Container:
             memory_kib=settings.argon2_memory_kib,
             parallelism=settings.argon2_parallelism,
         )
-        auth = AuthService(db, passwords, tokens, refresh_ttl=timedelta(days=settings.refresh_token_ttl_days))
+        limits = Limits(
+            db,
+            sign_in=SignInPolicy(
+                account_threshold=settings.sign_in_account_threshold,
+                address_threshold=settings.sign_in_address_threshold,
+                base_seconds=settings.sign_in_backoff_base_seconds,
+                cap_seconds=settings.sign_in_backoff_cap_seconds,
+            ),
+        )
+        auth = AuthService(
+            db,
+            passwords,
+            tokens,
+            limits,
+            refresh_ttl=timedelta(days=settings.refresh_token_ttl_days),
+            sign_ups_per_hour=settings.sign_up_per_address_per_hour,
+        )
 
         async def export_header(p: Principal) -> dict:
             return user_export(await auth.current_user(p))
@@ -115,6 +133,7 @@ class Container:
             pubsub=pubsub,
             background=Background(db, pubsub),
             ai=ai,
+            limits=limits,
             mock_model=mock_model,
         )
         container.shutdown_hooks.append(db.dispose)

@@ -14,6 +14,7 @@ from everything_server.auth.models import Session, User
 from everything_server.auth.passwords import Passwords, check_policy
 from everything_server.auth.tokens import TokenService, hash_refresh_token, new_refresh_token
 from everything_server.db import Database
+from everything_server.limits import Limits
 from everything_server.rpc import paging
 from everything_server.rpc.context import Principal
 
@@ -45,11 +46,22 @@ def normalise_email(raw: str) -> str:
 
 
 class AuthService:
-    def __init__(self, db: Database, passwords: Passwords, tokens: TokenService, *, refresh_ttl: timedelta):
+    def __init__(
+        self,
+        db: Database,
+        passwords: Passwords,
+        tokens: TokenService,
+        limits: Limits,
+        *,
+        refresh_ttl: timedelta,
+        sign_ups_per_hour: int = 20,
+    ):
         self._db = db
         self._passwords = passwords
         self._tokens = tokens
+        self._limits = limits
         self._refresh_ttl = refresh_ttl
+        self._sign_ups_per_hour = sign_ups_per_hour
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -82,13 +94,21 @@ class AuthService:
     # -- public calls -----------------------------------------------------------------------------
 
     async def sign_up(
-        self, *, email: str, password: str, display_name: str, user_agent: str = ""
+        self, *, email: str, password: str, display_name: str, user_agent: str = "", address: str | None = None
     ) -> SignedIn:
         email = normalise_email(email)
         check_policy(password, email=email)
         display_name = display_name.strip()
         if len(display_name) > 100:
             raise errors.InvalidArgument("display_name", "must be at most 100 characters")
+        if address:
+            await self._limits.hit(
+                f"signup:address:{address}",
+                limit=self._sign_ups_per_hour,
+                window_seconds=3600,
+                subject=f"address:{address}",
+                what="sign-ups",
+            )
         password_hash = await self._passwords.hash(password)
         async with self._db.transaction() as db:
             user = await repo.insert_user(
@@ -99,19 +119,24 @@ class AuthService:
             tokens = await self._start_session(db, user.id, user_agent)
         return SignedIn(user, tokens)
 
-    async def sign_in(self, *, email: str, password: str, user_agent: str = "") -> SignedIn:
+    async def sign_in(
+        self, *, email: str, password: str, user_agent: str = "", address: str | None = None
+    ) -> SignedIn:
         try:
             email = normalise_email(email)
         except errors.InvalidArgument:
             email = ""
-        if not password or len(password) > 1024:
-            password = password[:1024]
+        password = password[:1024]
+        # Throttled per account (known or not, so the answer tells nothing) and per address.
+        await self._limits.check_sign_in(email, address)
         async with self._db.transaction() as db:
             user = await repo.user_by_email(db, email) if email else None
         # Same work and the same answer whether or not the account exists.
         ok = await self._passwords.verify(user.password_hash if user else None, password)
         if not ok or user is None:
+            await self._limits.sign_in_failed(email, address)
             raise errors.Unauthenticated(BAD_CREDENTIALS, reason="INVALID_CREDENTIALS")
+        await self._limits.sign_in_succeeded(email)
         new_hash = (
             await self._passwords.hash(password) if self._passwords.needs_rehash(user.password_hash) else None
         )

@@ -7,15 +7,20 @@ from everything.auth.v1 import auth_service_pb2_grpc
 from everything_server.auth import convert
 from everything_server.auth.export import Exporter
 from everything_server.auth.service import AuthService
+from everything_server.limits import client_address
 from everything_server.rpc import validate
 from everything_server.rpc.context import principal
 from everything_server.rpc.convert import metadata_value
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
-    def __init__(self, auth: AuthService, exporter: Exporter):
+    def __init__(self, auth: AuthService, exporter: Exporter, trusted_proxies=()):
         self._auth = auth
         self._exporter = exporter
+        self._trusted = list(trusted_proxies)
+
+    def _address(self, context) -> str:
+        return client_address(context.peer() or "", metadata_value(context, "x-forwarded-for"), self._trusted)
 
     async def SignUp(self, request, context):
         result = await self._auth.sign_up(
@@ -23,6 +28,7 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
             password=request.password,
             display_name=request.display_name,
             user_agent=metadata_value(context, "user-agent"),
+            address=self._address(context),
         )
         return pb.SignUpResponse(
             user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens)
@@ -30,7 +36,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
 
     async def SignIn(self, request, context):
         result = await self._auth.sign_in(
-            email=request.email, password=request.password, user_agent=metadata_value(context, "user-agent")
+            email=request.email,
+            password=request.password,
+            user_agent=metadata_value(context, "user-agent"),
+            address=self._address(context),
         )
         return pb.SignInResponse(
             user=convert.user_to_proto(result.user), tokens=convert.tokens_to_proto(result.tokens)

@@ -9,12 +9,18 @@ still live, so a revoked session's access token stops working at once, on every 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from everything_server import errors
 
@@ -41,6 +47,18 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, OSError)) and not isinstance(exc, FileNotFoundError)
 
 
+@contextmanager
+def _unavailable_on_disconnect() -> Iterator[None]:
+    try:
+        yield
+    except errors.DomainError:
+        raise
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+        raise
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
         self.url = asyncpg_url(url)
@@ -61,7 +79,7 @@ class Database:
     ) -> AsyncIterator[AsyncSession]:
         """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
         the caller's sign-in session must still be live or `Unauthenticated` is raised."""
-        try:
+        with _unavailable_on_disconnect():
             async with self.sessionmaker.begin() as session:
                 if user_id is not None and session_id is not None:
                     row = (
@@ -74,14 +92,13 @@ class Database:
                 elif user_id is not None:
                     await session.execute(_SET_USER, {"uid": str(user_id)})
                 yield session
-        except errors.DomainError:
-            raise
-        except Exception as exc:
-            if is_connection_error(exc):
-                raise errors.Unavailable(
-                    "the database is unavailable", reason="DATABASE_UNAVAILABLE"
-                ) from exc
-            raise
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """One statement, one round trip, no BEGIN/COMMIT: for counters that touch no user rows."""
+        with _unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

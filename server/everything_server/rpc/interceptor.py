@@ -13,11 +13,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import grpc
 
 from everything_server import errors
+from everything_server.limits import Limits
 from everything_server.rpc import context as ctx
 from everything_server.rpc import status as st
 
@@ -46,10 +49,35 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class Caps:
+    """Per-process caps. Past them a call is refused at once instead of queueing."""
+
+    rate_limit_per_minute: int = 600
+    max_streams_per_user: int = 8
+    max_streams_per_process: int = 2000
+    unary_timeout_seconds: float = 30.0
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, verify_access_token: Verifier, observer=None):
+    def __init__(
+        self,
+        verify_access_token: Verifier,
+        *,
+        limits: Limits | None = None,
+        caps: Caps | None = None,
+        observer=None,
+    ):
         self._verify = verify_access_token
+        self._limits = limits
+        self._caps = caps or Caps()
         self._observer = observer  # metrics hook: observer(method, code_name, seconds)
+        self._streams = 0
+        self._streams_by_user: dict[uuid.UUID, int] = {}
+
+    @property
+    def open_streams(self) -> int:
+        return self._streams
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -75,7 +103,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     context.set_trailing_metadata((("x-request-id", rid),))
                     self._authenticate(tokens, auth_header, public)
-                    return await behavior(request, context)
+                    await self._rate_limit(method)
+                    try:
+                        async with asyncio.timeout(self._caps.unary_timeout_seconds):
+                            return await behavior(request, context)
+                    except TimeoutError:
+                        raise errors.DeadlineExceeded(
+                            "the call took longer than the server allows", reason="REQUEST_TIMEOUT"
+                        ) from None
                 except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised when not ours
                     code = _code_for(exc)
                     await self._handle(exc, context, rid, method)
@@ -98,8 +133,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await context.send_initial_metadata((("x-request-id", rid),))
                     self._authenticate(tokens, auth_header, public)
-                    async for item in stream_behavior(request, context):
-                        yield item
+                    await self._rate_limit(method)
+                    with self._stream_slot():
+                        async for item in stream_behavior(request, context):
+                            yield item
                 except BaseException as exc:  # noqa: BLE001
                     code = _code_for(exc)
                     await self._handle(exc, context, rid, method)
@@ -137,6 +174,48 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         except errors.Unauthenticated:
             if not public:
                 raise
+
+    async def _rate_limit(self, method: str) -> None:
+        p = ctx.optional_principal()
+        if p is None or self._limits is None:
+            return
+        service = method.split("/")[1]
+        await self._limits.hit(
+            f"rpc:{p.user_id}:{service}",
+            limit=self._caps.rate_limit_per_minute,
+            window_seconds=60,
+            subject=f"user:{p.user_id}",
+            what=f"calls to {service}",
+        )
+
+    @contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        p = ctx.optional_principal()
+        if self._streams >= self._caps.max_streams_per_process:
+            raise errors.ResourceExhausted(
+                "the server is at capacity; retry shortly", reason="SERVER_OVERLOADED", retry_after=1.0
+            )
+        user = p.user_id if p else None
+        if user is not None and self._streams_by_user.get(user, 0) >= self._caps.max_streams_per_user:
+            raise errors.ResourceExhausted(
+                f"at most {self._caps.max_streams_per_user} open streams per user",
+                reason="TOO_MANY_STREAMS",
+                retry_after=1.0,
+                violations=[errors.QuotaViolation(f"user:{user}", "concurrent streams")],
+            )
+        self._streams += 1
+        if user is not None:
+            self._streams_by_user[user] = self._streams_by_user.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            self._streams -= 1
+            if user is not None:
+                left = self._streams_by_user[user] - 1
+                if left:
+                    self._streams_by_user[user] = left
+                else:
+                    del self._streams_by_user[user]
 
     async def _handle(self, exc: BaseException, context, rid: str, method: str) -> None:
         if isinstance(exc, errors.DomainError):

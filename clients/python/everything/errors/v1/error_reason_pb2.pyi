@@ -38,6 +38,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_ABORTED: _ClassVar[ErrorReason]
+    ERROR_REASON_REQUEST_TIMEOUT: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason
 ERROR_REASON_NOT_FOUND: ErrorReason
@@ -70,3 +71,4 @@ ERROR_REASON_IMAGE_URL_INVALID: ErrorReason
 ERROR_REASON_SHUTTING_DOWN: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_ABORTED: ErrorReason
+ERROR_REASON_REQUEST_TIMEOUT: ErrorReason

@@ -1,0 +1,216 @@
+"""Limits that hold across replicas, counted atomically in PostgreSQL (migrations/0006_limits).
+
+- `hit`: fixed-window rate limits (per user and service, sign-ups per address).
+- `reserve` / `add` / `check`: daily quotas per user (chat tokens, searches, images), UTC days.
+- sign-in throttling per account and per client address with exponential back-off.
+
+Every refusal is `ResourceExhausted` with RetryInfo (when to retry) and QuotaFailure (which limit).
+Account keys are hashed, so the table never holds an email address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from everything_server import errors
+from everything_server.db import Database
+
+_HIT = text(
+    """
+    INSERT INTO rate_limit_windows AS w (key, window_start, hits)
+    VALUES (:key, to_timestamp(floor(extract(epoch FROM now()) / :win) * :win), 1)
+    ON CONFLICT (key, window_start) DO UPDATE SET hits = w.hits + 1
+    RETURNING w.hits, extract(epoch FROM (w.window_start + make_interval(secs => :win) - now()))::float8 AS left
+    """
+)
+_RESERVE = text(
+    """
+    INSERT INTO usage_counters AS u (user_id, day, kind, amount)
+    VALUES (:uid, (now() AT TIME ZONE 'utc')::date, :kind, :amount)
+    ON CONFLICT (user_id, day, kind) DO UPDATE SET amount = u.amount + EXCLUDED.amount
+      WHERE u.amount + EXCLUDED.amount <= :limit
+    RETURNING u.amount
+    """
+)
+_ADD = text(
+    """
+    INSERT INTO usage_counters AS u (user_id, day, kind, amount)
+    VALUES (:uid, (now() AT TIME ZONE 'utc')::date, :kind, :amount)
+    ON CONFLICT (user_id, day, kind) DO UPDATE SET amount = u.amount + EXCLUDED.amount
+    """
+)
+_USED = text(
+    "SELECT coalesce((SELECT amount FROM usage_counters WHERE user_id = :uid AND kind = :kind "
+    "AND day = (now() AT TIME ZONE 'utc')::date), 0)"
+)
+_UNTIL_MIDNIGHT = text(
+    "SELECT extract(epoch FROM (date_trunc('day', now() AT TIME ZONE 'utc') + interval '1 day' "
+    "- (now() AT TIME ZONE 'utc')))::float8"
+)
+_BLOCKED = text(
+    "SELECT extract(epoch FROM max(blocked_until) - now())::float8 FROM auth_throttle "
+    "WHERE key = ANY(:keys) AND blocked_until > now()"
+)
+# A failure counts up (a quiet hour resets the count); from `threshold` failures on, the key is
+# blocked for base * 2^(failures - threshold) seconds, at most `cap`.
+_FAIL = text(
+    """
+    INSERT INTO auth_throttle AS t (key, failures, blocked_until, updated_at)
+    VALUES (:key, 1, CASE WHEN :threshold <= 1 THEN now() + make_interval(secs => :base) END, now())
+    ON CONFLICT (key) DO UPDATE SET
+      failures = CASE WHEN t.updated_at < now() - interval '1 hour' THEN 1 ELSE t.failures + 1 END,
+      blocked_until = CASE
+        WHEN (CASE WHEN t.updated_at < now() - interval '1 hour' THEN 1 ELSE t.failures + 1 END) >= :threshold
+        THEN now() + make_interval(secs => least(:cap, :base * power(2, greatest(0,
+             (CASE WHEN t.updated_at < now() - interval '1 hour' THEN 1 ELSE t.failures + 1 END) - :threshold))))
+        END,
+      updated_at = now()
+    """
+)
+_CLEAR = text("DELETE FROM auth_throttle WHERE key = :key")
+_SWEEP = text("DELETE FROM rate_limit_windows WHERE window_start < now() - interval '1 day'")
+
+
+@dataclass(frozen=True)
+class SignInPolicy:
+    account_threshold: int = 5
+    address_threshold: int = 20
+    base_seconds: float = 1.0
+    cap_seconds: float = 900.0
+
+
+def account_key(email: str) -> str:
+    return "signin:account:" + hashlib.sha256(email.encode()).hexdigest()[:32]
+
+
+def address_key(address: str) -> str:
+    return "signin:address:" + address
+
+
+class Limits:
+    def __init__(self, db: Database, *, sign_in: SignInPolicy | None = None):
+        self._db = db
+        self.sign_in = sign_in or SignInPolicy()
+
+    # -- rate limits ------------------------------------------------------------------------------
+
+    async def hit(self, key: str, *, limit: int, window_seconds: int, subject: str, what: str) -> None:
+        """Count one request against `key`; refuse when the window already holds `limit`."""
+        async with self._db.autocommit() as conn:
+            hits, left = (await conn.execute(_HIT, {"key": key, "win": window_seconds})).one()
+        if hits > limit:
+            raise errors.ResourceExhausted(
+                f"too many requests: at most {limit} {what} per {window_seconds} s",
+                reason="RATE_LIMITED",
+                retry_after=max(left, 0.001),
+                violations=[errors.QuotaViolation(subject, f"{limit} {what} per {window_seconds} s")],
+            )
+
+    async def sweep(self) -> None:
+        async with self._db.transaction() as session:
+            await session.execute(_SWEEP)
+
+    # -- daily quotas -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _exceeded(
+        session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int
+    ) -> errors.ResourceExhausted:
+        left = (await session.execute(_UNTIL_MIDNIGHT)).scalar_one()
+        return errors.ResourceExhausted(
+            f"daily {kind} quota of {limit} is used up",
+            reason="QUOTA_EXCEEDED",
+            retry_after=left,
+            violations=[errors.QuotaViolation(f"user:{user_id}", f"{limit} {kind} per day")],
+        )
+
+    async def reserve(
+        self, session: AsyncSession, user_id: uuid.UUID, kind: str, amount: int, limit: int
+    ) -> None:
+        """Take `amount` from today's quota in the caller's transaction, or refuse atomically."""
+        row = None
+        if amount <= limit:
+            row = (
+                await session.execute(
+                    _RESERVE, {"uid": user_id, "kind": kind, "amount": amount, "limit": limit}
+                )
+            ).first()
+        if row is None:
+            raise await self._exceeded(session, user_id, kind, limit)
+
+    async def check(self, session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int) -> None:
+        """Refuse when today's quota is already used up (for costs known only afterwards)."""
+        used = (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
+        if used >= limit:
+            raise await self._exceeded(session, user_id, kind, limit)
+
+    async def add(self, session: AsyncSession, user_id: uuid.UUID, kind: str, amount: int) -> None:
+        """Record a cost after the fact (for example the completion tokens of a reply)."""
+        if amount > 0:
+            await session.execute(_ADD, {"uid": user_id, "kind": kind, "amount": amount})
+
+    # -- sign-in throttling -----------------------------------------------------------------------
+
+    def _keys(self, email: str, address: str | None) -> list[tuple[str, int]]:
+        keys = [(account_key(email), self.sign_in.account_threshold)]
+        if address:
+            keys.append((address_key(address), self.sign_in.address_threshold))
+        return keys
+
+    async def check_sign_in(self, email: str, address: str | None) -> None:
+        keys = [k for k, _ in self._keys(email, address)]
+        async with self._db.transaction() as session:
+            left = (await session.execute(_BLOCKED, {"keys": keys})).scalar_one()
+        if left is not None:
+            raise errors.ResourceExhausted(
+                "too many failed sign-ins; wait before trying again",
+                reason="SIGN_IN_THROTTLED",
+                retry_after=max(left, 0.001),
+                violations=[errors.QuotaViolation("sign-in", "failed sign-ins per account and per address")],
+            )
+
+    async def sign_in_failed(self, email: str, address: str | None) -> None:
+        async with self._db.transaction() as session:
+            for key, threshold in self._keys(email, address):
+                await session.execute(
+                    _FAIL,
+                    {
+                        "key": key,
+                        "threshold": threshold,
+                        "base": self.sign_in.base_seconds,
+                        "cap": self.sign_in.cap_seconds,
+                    },
+                )
+
+    async def sign_in_succeeded(self, email: str) -> None:
+        async with self._db.transaction() as session:
+            await session.execute(_CLEAR, {"key": account_key(email)})
+
+
+def client_address(
+    peer: str, forwarded_for: str, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str:
+    """The caller's address: the gRPC peer, or the last X-Forwarded-For hop when the peer is a
+    trusted proxy (Envoy appends the address it saw)."""
+    address = peer
+    if peer.startswith("ipv4:"):
+        address = peer[5:].rsplit(":", 1)[0]
+    elif peer.startswith("ipv6:"):
+        address = peer[5:].rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if forwarded_for and any(ip in net for net in trusted):
+        hop = forwarded_for.split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(hop))
+        except ValueError:
+            pass
+    return str(ip)
