@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -43,15 +44,18 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory) -> str:
+def pg_admin_url():
     """A URL of a PostgreSQL server where the tests may create databases."""
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
     import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    return server.get_uri("postgres")
+    # Not under pytest's basetemp: concurrent pytest runs prune each other's old basetemps.
+    pgdata = Path(tempfile.mkdtemp(prefix="everything-test-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    yield server.get_uri("postgres")
+    server.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ class App:
             self.container = await Container.create(s)
         c = self.container
         if s.migrate_on_start:
-            await migrate.upgrade_async(c.database_url)
+            await migrate.upgrade_async(c.migration_url)
         await c.start()
         self.server = grpc.aio.server(
             interceptors=[

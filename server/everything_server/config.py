@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1, le=200)
     db_max_overflow: int = Field(10, ge=0, le=200)
     migrate_on_start: bool = False
+    # The role requests run as (no superuser, no BYPASSRLS, owns nothing). When DATABASE_URL logs in
+    # as a privileged role (the embedded default, a laptop's postgres), development mode switches to
+    # this role on the same server by itself; production refuses to start that way.
+    db_app_role: str = Field("everything_app", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
 
     # Auth
     jwt_issuer: str = "everything"

@@ -8,6 +8,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
 from everything_server import keys
 from everything_server.ai.provider import ChatProvider
 from everything_server.auth import repository as auth_repo
@@ -17,7 +20,7 @@ from everything_server.auth.passwords import Passwords
 from everything_server.auth.service import AuthService
 from everything_server.auth.tokens import TokenService
 from everything_server.background import Background
-from everything_server.config import Settings, parse_jwt_keys
+from everything_server.config import Environment, Settings, parse_jwt_keys
 from everything_server.db import Database
 from everything_server.db.embedded import start_embedded
 from everything_server.db.pubsub import PubSub
@@ -142,11 +145,63 @@ class Container:
         container.shutdown_hooks.append(ai.aclose)
         return container
 
+    @property
+    def migration_url(self) -> str:
+        m = self.settings.migration_database_url
+        return m.get_secret_value() if m is not None else self.database_url
+
     async def start(self) -> None:
         """Open what needs a live database (the LISTEN connection). Called after migrations."""
+        await self._become_app_role()
         await self.pubsub.start()
         self.shutdown_hooks.append(self.pubsub.close)
         await self.background.start()
+
+    async def _become_app_role(self) -> None:
+        """Serve requests as the application role, never as a role that bypasses row-level security."""
+        role, privileged = await self.db.role()
+        if not privileged:
+            log.info("requests run as a role without RLS bypass", extra={"role": role})
+            return
+        if self.settings.environment is Environment.PRODUCTION:
+            raise RuntimeError(
+                f"DATABASE_URL logs in as {role!r}, which bypasses row-level security; in production it must "
+                f"be the application role ({self.settings.db_app_role!r}); migrations use MIGRATION_DATABASE_URL"
+            )
+        app_role = self.settings.db_app_role
+        async with self.db.engine.connect() as conn:
+            # The role is per cluster, its grants per database: both must be there.
+            ready = (
+                await conn.execute(
+                    text(
+                        "SELECT 1 FROM pg_roles WHERE rolname = :r "
+                        "AND to_regprocedure('app_grant_application_role()') IS NOT NULL"
+                    ),
+                    {"r": app_role},
+                )
+            ).first()
+            if ready is None:
+                log.error(
+                    "the application role does not exist yet (database not migrated?): requests run as a "
+                    "privileged role until restarted after migrating",
+                    extra={"role": role},
+                )
+                return
+            # Development convenience on a trusted local server: let the app role log in.
+            await conn.execute(text(f'ALTER ROLE "{app_role}" LOGIN'))
+            await conn.commit()
+        app_url = (
+            make_url(self.db.url).set(username=app_role, password=None).render_as_string(hide_password=False)
+        )
+        await self.db.switch_url(app_url)
+        self.pubsub.set_url(app_url)
+        role, privileged = await self.db.role()
+        if privileged:
+            raise RuntimeError(f"the application role {role!r} bypasses row-level security")
+        log.warning(
+            "DATABASE_URL is a privileged role: development mode switched requests to the application role",
+            extra={"role": role},
+        )
 
     async def drain(self, grace: float) -> None:
         """Let running generations finish within `grace`, then cancel (their partial work is saved)."""

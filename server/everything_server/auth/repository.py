@@ -26,6 +26,16 @@ async def insert_user(
     return (await db.execute(stmt)).scalar_one_or_none()
 
 
+async def owner_of_email(db: AsyncSession, email: str) -> uuid.UUID | None:
+    """Before sign-in nobody is set for row-level security: a SECURITY DEFINER lookup tells only
+    whose the email is; the user's row is then read as that user."""
+    return (await db.execute(select(func.app_user_id_by_email(email)))).scalar_one_or_none()
+
+
+async def owner_of_refresh_token(db: AsyncSession, token_hash: bytes) -> uuid.UUID | None:
+    return (await db.execute(select(func.app_user_id_by_refresh_token(token_hash)))).scalar_one_or_none()
+
+
 async def user_by_email(db: AsyncSession, email: str) -> User | None:
     return (await db.execute(select(User).where(User.email == email))).scalar_one_or_none()
 

@@ -94,7 +94,13 @@ class AuthService:
     # -- public calls -----------------------------------------------------------------------------
 
     async def sign_up(
-        self, *, email: str, password: str, display_name: str, user_agent: str = "", address: str | None = None
+        self,
+        *,
+        email: str,
+        password: str,
+        display_name: str,
+        user_agent: str = "",
+        address: str | None = None,
     ) -> SignedIn:
         email = normalise_email(email)
         check_policy(password, email=email)
@@ -110,9 +116,10 @@ class AuthService:
                 what="sign-ups",
             )
         password_hash = await self._passwords.hash(password)
-        async with self._db.transaction() as db:
+        user_id = uuid.uuid4()
+        async with self._db.transaction(user_id) as db:
             user = await repo.insert_user(
-                db, user_id=uuid.uuid4(), email=email, password_hash=password_hash, display_name=display_name
+                db, user_id=user_id, email=email, password_hash=password_hash, display_name=display_name
             )
             if user is None:
                 raise errors.AlreadyExists("an account with this email exists", reason="EMAIL_TAKEN")
@@ -129,8 +136,13 @@ class AuthService:
         password = password[:1024]
         # Throttled per account (known or not, so the answer tells nothing) and per address.
         await self._limits.check_sign_in(email, address)
-        async with self._db.transaction() as db:
-            user = await repo.user_by_email(db, email) if email else None
+        user = None
+        if email:
+            async with self._db.transaction() as db:
+                owner = await repo.owner_of_email(db, email)
+            if owner is not None:
+                async with self._db.transaction(owner) as db:
+                    user = await repo.user_by_id(db, owner)
         # Same work and the same answer whether or not the account exists.
         ok = await self._passwords.verify(user.password_hash if user else None, password)
         if not ok or user is None:
@@ -153,6 +165,10 @@ class AuthService:
         token_hash = hash_refresh_token(refresh_token)
         outcome: errors.DomainError | IssuedTokens
         async with self._db.transaction() as db:
+            owner = await repo.owner_of_refresh_token(db, token_hash)
+        if owner is None:
+            raise invalid
+        async with self._db.transaction(owner) as db:
             found = await repo.lock_refresh_token(db, token_hash)
             if found is None:
                 raise invalid

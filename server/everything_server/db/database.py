@@ -61,17 +61,38 @@ def _unavailable_on_disconnect() -> Iterator[None]:
 
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
+        self._pool = {"pool_size": pool_size, "max_overflow": max_overflow, "echo": echo}
+        self._open(url)
+
+    def _open(self, url: str) -> None:
         self.url = asyncpg_url(url)
         self.engine: AsyncEngine = create_async_engine(
             self.url,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
+            pool_size=self._pool["pool_size"],
+            max_overflow=self._pool["max_overflow"],
             pool_timeout=10,
             pool_recycle=1800,
-            echo=echo,
+            echo=self._pool["echo"],
             connect_args={"server_settings": {"application_name": "everything-server"}},
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def switch_url(self, url: str) -> None:
+        """Reconnect as someone else (start-up only, before any request)."""
+        await self.engine.dispose()
+        self._open(url)
+
+    async def role(self) -> tuple[str, bool]:
+        """(current role, whether it bypasses row-level security: superuser or BYPASSRLS)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT current_user, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user"
+                    )
+                )
+            ).one()
+        return row[0], bool(row[1])
 
     @asynccontextmanager
     async def transaction(

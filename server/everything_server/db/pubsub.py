@@ -49,6 +49,10 @@ class PubSub:
         self._supervisor: asyncio.Task | None = None
         self._lost = asyncio.Event()
 
+    def set_url(self, url: str) -> None:
+        """Connect as someone else (start-up only)."""
+        self._url = plain_url(url)
+
     async def start(self) -> None:
         await self._connect()
         self._supervisor = asyncio.create_task(self._supervise(), name="pubsub-supervisor")
