@@ -64,6 +64,13 @@ def _services(c: Container) -> list[tuple[object, object, object]]:
     ]
 
 
+def _async(fn):
+    async def run() -> None:
+        fn()
+
+    return run
+
+
 class App:
     def __init__(self, settings: Settings, container: Container | None = None):
         self.settings = settings
@@ -71,6 +78,7 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._service_names: list[str] = []
         self._draining = False
         self._watcher: asyncio.Task | None = None
@@ -89,6 +97,7 @@ class App:
                 ServerInterceptor(
                     c.tokens.verify_access,
                     limits=c.limits,
+                    metrics=c.metrics,
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,
@@ -114,6 +123,9 @@ class App:
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         await self._set_health(False)
+        if s.metrics_port is not None:
+            self.metrics_port = c.metrics.serve(s.metrics_host, s.metrics_port)
+            c.shutdown_hooks.append(_async(c.metrics.close))
         self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics port; off when unset"
     )
+    metrics_host: str = "127.0.0.1"
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 

@@ -25,6 +25,7 @@ from everything_server.db import Database
 from everything_server.db.embedded import start_embedded
 from everything_server.db.pubsub import PubSub
 from everything_server.limits import Limits, SignInPolicy
+from everything_server.metrics import Metrics
 from everything_server.rpc.context import Principal
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Container:
     background: Background
     ai: ChatProvider
     limits: Limits
+    metrics: Metrics
     mock_model: object | None = None  # the built-in mock model, when no upstream is configured
     # Called at shutdown in reverse order of registration, after draining.
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -123,6 +125,9 @@ class Container:
                 extra={"mock_base_url": base_url},
             )
         ai = ChatProvider.from_settings(settings, base_url_override=base_url)
+        metrics = Metrics()
+        db.metrics = metrics
+        ai.metrics = metrics
         pubsub = PubSub(url)
         container = cls(
             settings=settings,
@@ -137,6 +142,7 @@ class Container:
             background=Background(db, pubsub),
             ai=ai,
             limits=limits,
+            metrics=metrics,
             mock_model=mock_model,
         )
         container.shutdown_hooks.append(db.dispose)

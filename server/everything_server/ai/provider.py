@@ -305,6 +305,7 @@ class ChatProvider:
     ) -> None:
         self.chat_model = chat_model
         self.image_model = image_model
+        self.metrics = None  # a metrics.Metrics, set by the container
         default_timeout = openai.Timeout(timeout, connect=connect_timeout)
         self._stream_timeout = openai.Timeout(timeout, connect=connect_timeout, read=stall_timeout)
         # Our own client instance (with the SDK's defaults) so image URLs are fetched with the same
@@ -379,6 +380,25 @@ class ChatProvider:
     ) -> AsyncIterator[ChatDelta]:
         """Stream a reply: text deltas, then one with `finish_reason`, then one with `usage`."""
         params = self._chat_params(model, messages, temperature, max_tokens)
+        started = time.perf_counter()
+        first = True
+        try:
+            # aclosing: closing this generator must close the upstream response at once, not at GC.
+            async with contextlib.aclosing(self._stream_chat(params, model)) as deltas:
+                async for delta in deltas:
+                    if first and delta.text:
+                        first = False
+                        if self.metrics is not None:
+                            self.metrics.first_token(model, started)
+                    if delta.usage is not None and self.metrics is not None:
+                        self.metrics.tokens(model, delta.usage.prompt_tokens, delta.usage.completion_tokens)
+                    yield delta
+        except DomainError as exc:
+            if self.metrics is not None:
+                self.metrics.upstream_error(exc.reason)
+            raise
+
+    async def _stream_chat(self, params: dict[str, Any], model: str) -> AsyncIterator[ChatDelta]:
         with _upstream_errors(model):
             async with self._client.chat.completions.with_streaming_response.create(
                 **params, stream=True, stream_options={"include_usage": True}, timeout=self._stream_timeout

@@ -8,11 +8,12 @@ still live, so a revoked session's access token stops working at once, on every 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -62,6 +63,7 @@ def _unavailable_on_disconnect() -> Iterator[None]:
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
         self._pool = {"pool_size": pool_size, "max_overflow": max_overflow, "echo": echo}
+        self.metrics = None  # a metrics.Metrics, set by the container
         self._open(url)
 
     def _open(self, url: str) -> None:
@@ -76,6 +78,9 @@ class Database:
             connect_args={"server_settings": {"application_name": "everything-server"}},
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        pool = self.engine.sync_engine.pool
+        event.listen(pool, "checkout", lambda *_: self.metrics and self.metrics.db_pool_in_use.inc())
+        event.listen(pool, "checkin", lambda *_: self.metrics and self.metrics.db_pool_in_use.dec())
 
     async def switch_url(self, url: str) -> None:
         """Reconnect as someone else (start-up only, before any request)."""
@@ -102,6 +107,10 @@ class Database:
         the caller's sign-in session must still be live or `Unauthenticated` is raised."""
         with _unavailable_on_disconnect():
             async with self.sessionmaker.begin() as session:
+                if self.metrics is not None:
+                    waited = time.perf_counter()
+                    await session.connection()
+                    self.metrics.db_pool_wait.observe(time.perf_counter() - waited)
                 if user_id is not None and session_id is not None:
                     row = (
                         await session.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})

@@ -21,6 +21,7 @@ import grpc
 
 from everything_server import errors
 from everything_server.limits import Limits
+from everything_server.metrics import Metrics
 from everything_server.rpc import context as ctx
 from everything_server.rpc import status as st
 
@@ -39,6 +40,29 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 Verifier = Callable[[str], ctx.Principal]
+
+# A request whose bytes did not parse (bad wire format, invalid UTF-8, nested deeper than protobuf
+# allows). grpc would answer UNKNOWN naming the parser's exception; the handler answers
+# INVALID_ARGUMENT instead, after authentication, like any other bad input.
+_UNDECODABLE = object()
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 - DecodeError and whatever else the parser raises
+            return _UNDECODABLE
+
+    return parse
+
+
+def _check_decoded(request) -> None:
+    if request is _UNDECODABLE:
+        raise errors.InvalidArgument("request", "is not a valid message of the method's request type")
 
 
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
@@ -66,12 +90,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         *,
         limits: Limits | None = None,
         caps: Caps | None = None,
-        observer=None,
+        metrics: Metrics | None = None,
     ):
         self._verify = verify_access_token
         self._limits = limits
         self._caps = caps or Caps()
-        self._observer = observer  # metrics hook: observer(method, code_name, seconds)
+        self._metrics = metrics
         self._streams = 0
         self._streams_by_user: dict[uuid.UUID, int] = {}
 
@@ -98,12 +122,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 start = time.perf_counter()
-                code = grpc.StatusCode.OK
+                code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid, auth_header, public)
                 try:
                     context.set_trailing_metadata((("x-request-id", rid),))
                     self._authenticate(tokens, auth_header, public)
                     await self._rate_limit(method)
+                    _check_decoded(request)
                     try:
                         async with asyncio.timeout(self._caps.unary_timeout_seconds):
                             return await behavior(request, context)
@@ -112,14 +137,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                             "the call took longer than the server allows", reason="REQUEST_TIMEOUT"
                         ) from None
                 except BaseException as exc:  # noqa: BLE001 - mapped below, re-raised when not ours
-                    code = _code_for(exc)
+                    code, reason = _code_for(exc), getattr(exc, "reason", None)
                     await self._handle(exc, context, rid, method)
                 finally:
-                    self._exit(tokens, method, code, start, rid)
+                    self._exit(tokens, method, code, start, rid, reason)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
 
@@ -128,24 +153,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context):
                 start = time.perf_counter()
-                code = grpc.StatusCode.OK
+                code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid, auth_header, public)
                 try:
                     await context.send_initial_metadata((("x-request-id", rid),))
                     self._authenticate(tokens, auth_header, public)
                     await self._rate_limit(method)
+                    _check_decoded(request)
                     with self._stream_slot():
                         async for item in stream_behavior(request, context):
                             yield item
                 except BaseException as exc:  # noqa: BLE001
-                    code = _code_for(exc)
+                    code, reason = _code_for(exc), getattr(exc, "reason", None)
                     await self._handle(exc, context, rid, method)
                 finally:
-                    self._exit(tokens, method, code, start, rid)
+                    self._exit(tokens, method, code, start, rid, reason)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -204,12 +230,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 violations=[errors.QuotaViolation(f"user:{user}", "concurrent streams")],
             )
         self._streams += 1
+        if self._metrics is not None:
+            self._metrics.active_streams.inc()
         if user is not None:
             self._streams_by_user[user] = self._streams_by_user.get(user, 0) + 1
         try:
             yield
         finally:
             self._streams -= 1
+            if self._metrics is not None:
+                self._metrics.active_streams.dec()
             if user is not None:
                 left = self._streams_by_user[user] - 1
                 if left:
@@ -236,7 +266,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
         raise AssertionError("unreachable")  # abort raises
 
-    def _exit(self, tokens, method: str, code: grpc.StatusCode, start: float, rid: str) -> None:
+    def _exit(
+        self, tokens, method: str, code: grpc.StatusCode, start: float, rid: str, reason: str | None
+    ) -> None:
         elapsed = time.perf_counter() - start
         p = ctx.optional_principal()
         log.info(
@@ -247,10 +279,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 "duration_ms": round(elapsed * 1000, 3),
                 "request_id": rid,
                 "user_id": str(p.user_id) if p else None,
+                "reason": reason,
             },
         )
-        if self._observer is not None:
-            self._observer(method, code.name, elapsed)
+        if self._metrics is not None:
+            self._metrics.rpc_done(method, code.name, elapsed, reason)
         try:
             ctx._request_id.reset(tokens[0])
             ctx._principal.reset(tokens[1])
