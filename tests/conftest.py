@@ -48,7 +48,8 @@ def pg_admin_url():
     """A URL of a PostgreSQL server where the tests may create databases."""
     url = os.environ.get("DATABASE_URL")
     if url:
-        return url
+        yield url
+        return
     import pgserver
 
     # Not under pytest's basetemp: concurrent pytest runs prune each other's old basetemps.

@@ -1,4 +1,4 @@
-"""Preferences: one JSONB document per user.
+"""Preferences: one JSONB document per user (keys are the proto field names; absent = default).
 
 Revision ID: 0003_preferences
 Revises: 0002_chat
@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("data", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.CheckConstraint("jsonb_typeof(data) = 'object'", name="data_is_object"),
     )
 
 

@@ -1,9 +1,14 @@
 """The settings chat, search and image generation use for a user: their preferences with the server
 defaults filled in. Preferences are stored as one JSONB document per user whose keys are the proto
-field names of everything.preferences.v1.Preferences."""
+field names of everything.preferences.v1.Preferences (a key is absent while the field is at its default).
+
+`resolve` trusts nothing it reads: a stored value of the wrong type or outside today's rules (written
+by an older version, or by hand) falls back to the default instead of reaching the model upstream.
+"""
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 
@@ -12,8 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server.config import Settings
 
+IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1024x1536", "1536x1024")
+SEARCH_PROVIDERS = ("searxng", "brave", "tavily", "history")
 DEFAULT_IMAGE_SIZE = "1024x1024"
 DEFAULT_SEARCH_PROVIDERS = ("history",)
+DEFAULT_THEME = "THEME_SYSTEM"
+DEFAULT_LOCALE = "en"
+MAX_MODEL_CHARS = 100
+MAX_SYSTEM_PROMPT_CHARS = 8000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -26,15 +38,41 @@ class Effective:
     search_providers: tuple[str, ...]
 
 
+def _text(value: object, max_len: int) -> str | None:
+    if isinstance(value, str) and value and len(value) <= max_len:
+        return value
+    return None
+
+
+def _temperature(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    if not math.isfinite(value) or not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        return None
+    return value
+
+
+def _providers(value: object) -> tuple[str, ...] | None:
+    if not isinstance(value, list):
+        return None
+    known = tuple(dict.fromkeys(p for p in value if isinstance(p, str) and p in SEARCH_PROVIDERS))
+    return known or None
+
+
 def resolve(data: dict, settings: Settings) -> Effective:
-    temperature = data.get("temperature")
+    if not isinstance(data, dict):
+        data = {}
+    temperature = _temperature(data.get("temperature"))
+    size = data.get("image_size")
     return Effective(
-        chat_model=data.get("chat_model") or settings.chat_model,
-        system_prompt=data.get("system_prompt") or settings.default_system_prompt,
-        temperature=float(temperature) if temperature is not None else settings.default_temperature,
-        image_model=data.get("image_model") or settings.image_model,
-        image_size=data.get("image_size") or DEFAULT_IMAGE_SIZE,
-        search_providers=tuple(data.get("search_providers") or DEFAULT_SEARCH_PROVIDERS),
+        chat_model=_text(data.get("chat_model"), MAX_MODEL_CHARS) or settings.chat_model,
+        system_prompt=_text(data.get("system_prompt"), MAX_SYSTEM_PROMPT_CHARS)
+        or settings.default_system_prompt,
+        temperature=temperature if temperature is not None else settings.default_temperature,
+        image_model=_text(data.get("image_model"), MAX_MODEL_CHARS) or settings.image_model,
+        image_size=size if size in IMAGE_SIZES else DEFAULT_IMAGE_SIZE,
+        search_providers=_providers(data.get("search_providers")) or DEFAULT_SEARCH_PROVIDERS,
     )
 
 
