@@ -123,3 +123,34 @@ def test_production_refuses_development_defaults(settings_env):
     assert result.returncode != 0
     for needed in ("EVERYTHING_JWT_KEYS", "DATABASE_URL", "OPENAI_API_KEY"):
         assert needed in result.stderr
+
+
+async def test_an_unmigrated_database_means_not_serving_and_unavailable(settings_env, pg_admin_url, tmp_path):
+    import asyncpg
+
+    from everything.auth.v1 import auth_service_pb2 as auth_pb
+    from everything.auth.v1 import auth_service_pb2_grpc
+    from tests.conftest import _with_database
+
+    name = f"everything_empty_{tmp_path.name[-8:].lower().replace('-', '_')}"
+    admin = await asyncpg.connect(pg_admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    proc = None
+    try:
+        env = server_env(settings_env, DATABASE_URL=_with_database(pg_admin_url, name))
+        proc = await start_server_process(env, tmp_path / "server.log")
+        async with grpc.aio.insecure_channel(proc.target) as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = auth_service_pb2_grpc.AuthServiceStub(ch)
+            d = await expect_error(
+                stub.SignUp(auth_pb.SignUpRequest(email="a@example.com", password="correct horse battery")),
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
+            assert d.retry_after is not None
+    finally:
+        if proc is not None:
+            proc.terminate()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -79,6 +79,7 @@ class App:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.db_ready = False
         self._service_names: list[str] = []
         self._draining = False
         self._watcher: asyncio.Task | None = None
@@ -98,6 +99,7 @@ class App:
                     c.tokens.verify_access,
                     limits=c.limits,
                     metrics=c.metrics,
+                    ready=lambda: self.db_ready,
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,
@@ -153,6 +155,7 @@ class App:
         except Exception as exc:  # any failure to reach the database means not serving
             log.warning("database is not reachable", extra={"error": type(exc).__name__})
             ok = False
+        self.db_ready = ok
         if not self._draining:
             await self._set_health(ok)
         return ok

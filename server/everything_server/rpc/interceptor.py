@@ -91,7 +91,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         limits: Limits | None = None,
         caps: Caps | None = None,
         metrics: Metrics | None = None,
+        ready: Callable[[], bool] | None = None,
     ):
+        self._ready = ready  # False while the database is unreachable or not migrated
         self._verify = verify_access_token
         self._limits = limits
         self._caps = caps or Caps()
@@ -126,6 +128,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 tokens = self._enter(rid, auth_header, public)
                 try:
                     context.set_trailing_metadata((("x-request-id", rid),))
+                    self._check_ready()
                     self._authenticate(tokens, auth_header, public)
                     await self._rate_limit(method)
                     _check_decoded(request)
@@ -157,6 +160,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 tokens = self._enter(rid, auth_header, public)
                 try:
                     await context.send_initial_metadata((("x-request-id", rid),))
+                    self._check_ready()
                     self._authenticate(tokens, auth_header, public)
                     await self._rate_limit(method)
                     _check_decoded(request)
@@ -200,6 +204,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         except errors.Unauthenticated:
             if not public:
                 raise
+
+    def _check_ready(self) -> None:
+        if self._ready is not None and not self._ready():
+            raise errors.Unavailable(
+                "the database is unreachable or not migrated; retry shortly",
+                reason="DATABASE_UNAVAILABLE",
+                retry_after=1.0,
+            )
 
     async def _rate_limit(self, method: str) -> None:
         p = ctx.optional_principal()
