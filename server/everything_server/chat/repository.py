@@ -1,0 +1,413 @@
+"""All SQL of the chat domain. Functions take the session of the caller's transaction and always
+filter by the owner, so another user's ids find nothing."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, exists, func, or_, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from everything_server.chat.models import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    GENERATING,
+    ROLE_ASSISTANT,
+    ROLE_USER,
+    Message,
+    MessageEvents,
+    Thread,
+)
+from everything_server.rpc.paging import Cursor
+
+# -- threads -------------------------------------------------------------------------------------
+
+
+async def insert_thread(db: AsyncSession, *, user_id: uuid.UUID, title: str) -> Thread:
+    stmt = insert(Thread).values(id=uuid.uuid4(), user_id=user_id, title=title).returning(Thread)
+    return (await db.execute(stmt)).scalar_one()
+
+
+async def get_thread(db: AsyncSession, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
+    stmt = select(Thread).where(Thread.id == thread_id, Thread.user_id == user_id)
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def list_threads(
+    db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: Cursor | None
+) -> list[Thread]:
+    stmt = select(Thread).where(Thread.user_id == user_id)
+    if after is not None:
+        stmt = stmt.where(
+            or_(Thread.updated_at < after.at, and_(Thread.updated_at == after.at, Thread.id < after.id))
+        )
+    stmt = stmt.order_by(Thread.updated_at.desc(), Thread.id.desc()).limit(limit)
+    return list((await db.execute(stmt)).scalars())
+
+
+async def set_title(
+    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
+) -> Thread | None:
+    """A title the user chose (it is never replaced by a generated one)."""
+    stmt = (
+        update(Thread)
+        .where(Thread.id == thread_id, Thread.user_id == user_id)
+        .values(title=title, title_generated=False, updated_at=func.now())
+        .returning(Thread)
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def set_generated_title(
+    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
+) -> bool:
+    """Only while the thread has no title, so a title the user set meanwhile wins."""
+    stmt = (
+        update(Thread)
+        .where(Thread.id == thread_id, Thread.user_id == user_id, Thread.title == "")
+        .values(title=title, title_generated=True, updated_at=func.now())
+    )
+    return (await db.execute(stmt)).rowcount > 0
+
+
+async def touch_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
+    stmt = (
+        update(Thread)
+        .where(Thread.id == thread_id, Thread.user_id == user_id)
+        .values(updated_at=func.now())
+        .returning(Thread)
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> bool:
+    result = await db.execute(delete(Thread).where(Thread.id == thread_id, Thread.user_id == user_id))
+    return result.rowcount > 0
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+async def next_position(db: AsyncSession) -> int:
+    return (await db.execute(text("SELECT nextval('messages_position_seq')"))).scalar_one()
+
+
+async def insert_user_message(
+    db: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    content: str,
+    client_message_id: uuid.UUID | None,
+) -> Message | None:
+    """None when `client_message_id` was taken meanwhile (by a concurrent retry of the same send)."""
+    position = await next_position(db)
+    stmt = insert(Message).values(
+        id=uuid.uuid4(),
+        thread_id=thread_id,
+        user_id=user_id,
+        role=ROLE_USER,
+        content=content,
+        status=COMPLETED,
+        position=position,
+        turn=position,
+        client_message_id=client_message_id,
+    )
+    if client_message_id is not None:
+        stmt = stmt.on_conflict_do_nothing(
+            index_elements=[Message.user_id, Message.client_message_id],
+            index_where=Message.client_message_id.is_not(None),
+        )
+    return (await db.execute(stmt.returning(Message))).scalar_one_or_none()
+
+
+async def insert_reply(
+    db: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    parent: Message,
+    model: str,
+    lease: timedelta,
+) -> Message:
+    """The assistant message, GENERATING, with its first event (seq 1) stored by the caller."""
+    stmt = (
+        insert(Message)
+        .values(
+            id=message_id,
+            thread_id=parent.thread_id,
+            user_id=parent.user_id,
+            role=ROLE_ASSISTANT,
+            status=GENERATING,
+            parent_message_id=parent.id,
+            turn=parent.turn,
+            seq=1,
+            model=model,
+            lease_expires_at=func.now() + lease,
+        )
+        .returning(Message)
+    )
+    return (await db.execute(stmt)).scalar_one()
+
+
+async def get_message(
+    db: AsyncSession, user_id: uuid.UUID, message_id: uuid.UUID, *, lock: bool = False
+) -> Message | None:
+    stmt = select(Message).where(Message.id == message_id, Message.user_id == user_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def user_message_by_client_id(
+    db: AsyncSession, user_id: uuid.UUID, client_message_id: uuid.UUID
+) -> Message | None:
+    stmt = select(Message).where(
+        Message.user_id == user_id,
+        Message.client_message_id == client_message_id,
+        Message.role == ROLE_USER,
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def latest_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> Message | None:
+    stmt = (
+        select(Message)
+        .where(Message.parent_message_id == parent_id, Message.user_id == user_id)
+        .order_by(Message.position.desc())
+        .limit(1)
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def has_generating_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> bool:
+    stmt = select(
+        exists().where(
+            Message.parent_message_id == parent_id,
+            Message.user_id == user_id,
+            Message.status == GENERATING,
+        )
+    )
+    return bool((await db.execute(stmt)).scalar())
+
+
+async def is_first_turn(db: AsyncSession, thread_id: uuid.UUID, turn: int) -> bool:
+    stmt = select(
+        exists().where(Message.thread_id == thread_id, Message.role == ROLE_USER, Message.turn < turn)
+    )
+    return not (await db.execute(stmt)).scalar()
+
+
+def _active_branch(m):
+    """Users' messages, and for each of them only its newest reply."""
+    newer = aliased(Message)
+    return or_(
+        m.role == ROLE_USER,
+        ~exists().where(newer.parent_message_id == m.parent_message_id, newer.position > m.position),
+    )
+
+
+async def list_messages(
+    db: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID,
+    limit: int,
+    after: tuple[int, int] | None,
+    all_branches: bool,
+) -> list[Message]:
+    stmt = select(Message).where(Message.thread_id == thread_id, Message.user_id == user_id)
+    if not all_branches:
+        stmt = stmt.where(_active_branch(Message))
+    if after is not None:
+        stmt = stmt.where(tuple_(Message.turn, Message.position) > tuple_(*after))
+    stmt = stmt.order_by(Message.turn, Message.position).limit(limit)
+    return list((await db.execute(stmt)).scalars())
+
+
+async def history(
+    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, before_turn: int, limit: int
+) -> list[tuple[str, str]]:
+    """(role, content) of the active branch before `before_turn`, NEWEST first; replies that failed,
+    are still generating or are empty are left out."""
+    stmt = (
+        select(Message.role, Message.content)
+        .where(
+            Message.thread_id == thread_id,
+            Message.user_id == user_id,
+            Message.turn < before_turn,
+            Message.status.in_((COMPLETED, CANCELLED)),
+            Message.content != "",
+            _active_branch(Message),
+        )
+        .order_by(Message.turn.desc(), Message.position.desc())
+        .limit(limit)
+    )
+    return [(r.role, r.content) for r in await db.execute(stmt)]
+
+
+async def set_feedback(
+    db: AsyncSession, *, user_id: uuid.UUID, message_id: uuid.UUID, rating: int, comment: str
+) -> Message | None:
+    stmt = (
+        update(Message)
+        .where(Message.id == message_id, Message.user_id == user_id, Message.role == ROLE_ASSISTANT)
+        .values(
+            feedback_rating=rating,
+            feedback_comment=comment,
+            feedback_at=func.now() if rating else None,
+            updated_at=func.now(),
+        )
+        .returning(Message)
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+# -- generations -----------------------------------------------------------------------------------
+
+
+async def checkpoint(
+    db: AsyncSession, *, message_id: uuid.UUID, content: str, seq: int, lease: timedelta
+) -> bool:
+    """Store the text so far and push the lease; False when the message is no longer generating
+    (finished elsewhere after its lease ran out, or deleted)."""
+    stmt = (
+        update(Message)
+        .where(Message.id == message_id, Message.status == GENERATING)
+        .values(content=content, seq=seq, lease_expires_at=func.now() + lease)
+        .returning(Message.id)
+    )
+    return (await db.execute(stmt)).first() is not None
+
+
+async def heartbeat(db: AsyncSession, *, message_id: uuid.UUID, lease: timedelta) -> bool:
+    stmt = (
+        update(Message)
+        .where(Message.id == message_id, Message.status == GENERATING)
+        .values(lease_expires_at=func.now() + lease)
+        .returning(Message.id)
+    )
+    return (await db.execute(stmt)).first() is not None
+
+
+async def finish(
+    db: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    content: str,
+    seq: int,
+    status: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    usage_estimated: bool,
+    error_reason: str,
+) -> Message | None:
+    stmt = (
+        update(Message)
+        .where(Message.id == message_id, Message.status == GENERATING)
+        .values(
+            content=content,
+            seq=seq,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            usage_estimated=usage_estimated,
+            error_reason=error_reason,
+            lease_expires_at=None,
+            updated_at=func.now(),
+        )
+        .returning(Message)
+    )
+    return (await db.execute(stmt)).scalar_one_or_none()
+
+
+async def fail_expired(
+    db: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID | None = None,
+    message_id: uuid.UUID | None = None,
+    reason: str,
+) -> list[Message]:
+    """Mark FAILED the generations whose lease ran out (their replica is gone). The caller stores
+    their `done` event at the new seq (one past the last stored event)."""
+    stmt = update(Message).where(
+        Message.user_id == user_id,
+        Message.status == GENERATING,
+        Message.lease_expires_at < func.now(),
+    )
+    if thread_id is not None:
+        stmt = stmt.where(Message.thread_id == thread_id)
+    if message_id is not None:
+        stmt = stmt.where(Message.id == message_id)
+    stmt = stmt.values(
+        status=FAILED,
+        seq=Message.seq + 2,  # an (estimated) usage event and the done event, stored by the caller
+        error_reason=reason,
+        usage_estimated=True,
+        prompt_tokens=0,
+        completion_tokens=(func.length(Message.content) + 3) // 4,
+        lease_expires_at=None,
+        updated_at=func.now(),
+    ).returning(Message)
+    return list((await db.execute(stmt)).scalars())
+
+
+async def insert_events(
+    db: AsyncSession, *, message_id: uuid.UUID, user_id: uuid.UUID, seq_first: int, seq_last: int, data: str
+) -> None:
+    await db.execute(
+        insert(MessageEvents).values(
+            message_id=message_id, user_id=user_id, seq_first=seq_first, seq_last=seq_last, data=data
+        )
+    )
+
+
+async def events_after(
+    db: AsyncSession, *, user_id: uuid.UUID, message_id: uuid.UUID, after_seq: int
+) -> list[str]:
+    """The stored batches holding events after `after_seq`, in order."""
+    stmt = (
+        select(MessageEvents.data)
+        .where(
+            MessageEvents.message_id == message_id,
+            MessageEvents.user_id == user_id,
+            MessageEvents.seq_last > after_seq,
+        )
+        .order_by(MessageEvents.seq_first)
+    )
+    return list((await db.execute(stmt)).scalars())
+
+
+async def count_event_batches(db: AsyncSession, message_id: uuid.UUID) -> int:
+    stmt = select(func.count()).select_from(MessageEvents).where(MessageEvents.message_id == message_id)
+    return (await db.execute(stmt)).scalar_one()
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+async def threads_for_export(
+    db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[Thread]:
+    stmt = select(Thread).where(Thread.user_id == user_id)
+    if after is not None:
+        stmt = stmt.where(tuple_(Thread.created_at, Thread.id) > tuple_(*after))
+    stmt = stmt.order_by(Thread.created_at, Thread.id).limit(limit)
+    return list((await db.execute(stmt)).scalars())
+
+
+async def messages_of_threads(
+    db: AsyncSession, *, user_id: uuid.UUID, thread_ids: list[uuid.UUID]
+) -> list[Message]:
+    if not thread_ids:
+        return []
+    stmt = (
+        select(Message)
+        .where(Message.user_id == user_id, Message.thread_id.in_(thread_ids))
+        .order_by(Message.thread_id, Message.turn, Message.position)
+    )
+    return list((await db.execute(stmt)).scalars())
