@@ -100,6 +100,7 @@ class App:
                     limits=c.limits,
                     metrics=c.metrics,
                     ready=lambda: self.db_ready,
+                    tracing=c.tracing,
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,

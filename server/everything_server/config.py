@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     # Comma-separated CIDRs of proxies (Envoy) whose X-Forwarded-For is believed.
     trusted_proxies: str = ""
 
+    # Tracing (OpenTelemetry); off by default.
+    otel_enabled: bool = False
+    otel_exporter: str = Field("otlp", pattern=r"^(otlp|console|memory)$")
+    otel_endpoint: str | None = None
+    otel_service_name: str = "everything-server"
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

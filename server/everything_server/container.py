@@ -27,6 +27,7 @@ from everything_server.db.pubsub import PubSub
 from everything_server.limits import Limits, SignInPolicy
 from everything_server.metrics import Metrics
 from everything_server.rpc.context import Principal
+from everything_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Container:
     ai: ChatProvider
     limits: Limits
     metrics: Metrics
+    tracing: Tracing
     mock_model: object | None = None  # the built-in mock model, when no upstream is configured
     # Called at shutdown in reverse order of registration, after draining.
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -128,6 +130,13 @@ class Container:
         metrics = Metrics()
         db.metrics = metrics
         ai.metrics = metrics
+        tracing = Tracing(
+            enabled=settings.otel_enabled,
+            exporter=settings.otel_exporter,
+            endpoint=settings.otel_endpoint,
+            service_name=settings.otel_service_name,
+        )
+        db.tracer = ai.tracer = tracing.tracer
         pubsub = PubSub(url)
         container = cls(
             settings=settings,
@@ -143,9 +152,11 @@ class Container:
             ai=ai,
             limits=limits,
             metrics=metrics,
+            tracing=tracing,
             mock_model=mock_model,
         )
         container.shutdown_hooks.append(db.dispose)
+        container.shutdown_hooks.append(tracing.close)
         if mock_model is not None:
             container.shutdown_hooks.append(mock_model.stop)
         container.shutdown_hooks.append(ai.aclose)

@@ -53,6 +53,7 @@ import aiohttp
 import httpx2  # the HTTP client the openai SDK is built on (its exceptions surface from raw streams)
 import openai
 import orjson
+from opentelemetry import trace
 
 from everything_server.errors import (
     DeadlineExceeded,
@@ -306,6 +307,7 @@ class ChatProvider:
         self.chat_model = chat_model
         self.image_model = image_model
         self.metrics = None  # a metrics.Metrics, set by the container
+        self.tracer: trace.Tracer = trace.NoOpTracer()  # set by the container when tracing is on
         default_timeout = openai.Timeout(timeout, connect=connect_timeout)
         self._stream_timeout = openai.Timeout(timeout, connect=connect_timeout, read=stall_timeout)
         # Our own client instance (with the SDK's defaults) so image URLs are fetched with the same
@@ -382,7 +384,13 @@ class ChatProvider:
         params = self._chat_params(model, messages, temperature, max_tokens)
         started = time.perf_counter()
         first = True
+        span = self.tracer.start_as_current_span(
+            "upstream.chat.completions",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"gen_ai.request.model": model},
+        )
         try:
+            span.__enter__()
             # aclosing: closing this generator must close the upstream response at once, not at GC.
             async with contextlib.aclosing(self._stream_chat(params, model)) as deltas:
                 async for delta in deltas:
@@ -396,7 +404,10 @@ class ChatProvider:
         except DomainError as exc:
             if self.metrics is not None:
                 self.metrics.upstream_error(exc.reason)
+            trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, exc.reason))
             raise
+        finally:
+            span.__exit__(None, None, None)
 
     async def _stream_chat(self, params: dict[str, Any], model: str) -> AsyncIterator[ChatDelta]:
         with _upstream_errors(model):

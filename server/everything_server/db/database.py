@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
+from opentelemetry import trace
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -64,6 +65,7 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
         self._pool = {"pool_size": pool_size, "max_overflow": max_overflow, "echo": echo}
         self.metrics = None  # a metrics.Metrics, set by the container
+        self.tracer: trace.Tracer = trace.NoOpTracer()  # set by the container when tracing is on
         self._open(url)
 
     def _open(self, url: str) -> None:
@@ -105,7 +107,7 @@ class Database:
     ) -> AsyncIterator[AsyncSession]:
         """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
         the caller's sign-in session must still be live or `Unauthenticated` is raised."""
-        with _unavailable_on_disconnect():
+        with _unavailable_on_disconnect(), self.tracer.start_as_current_span("db.transaction"):
             async with self.sessionmaker.begin() as session:
                 if self.metrics is not None:
                     waited = time.perf_counter()

@@ -9,6 +9,7 @@ internals. Access logs carry method, code, duration and request id; never tokens
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -18,12 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from everything_server import errors
 from everything_server.limits import Limits
 from everything_server.metrics import Metrics
 from everything_server.rpc import context as ctx
 from everything_server.rpc import status as st
+from everything_server.tracing import Tracing
 
 log = logging.getLogger("everything.access")
 err_log = logging.getLogger("everything.rpc")
@@ -92,7 +95,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         caps: Caps | None = None,
         metrics: Metrics | None = None,
         ready: Callable[[], bool] | None = None,
+        tracing: Tracing | None = None,
     ):
+        self._tracing = tracing
         self._ready = ready  # False while the database is unreachable or not migrated
         self._verify = verify_access_token
         self._limits = limits
@@ -126,7 +131,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid, auth_header, public)
+                span = self._span(method, md)
                 try:
+                    span.__enter__()
                     context.set_trailing_metadata((("x-request-id", rid),))
                     self._check_ready()
                     self._authenticate(tokens, auth_header, public)
@@ -144,6 +151,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await self._handle(exc, context, rid, method)
                 finally:
                     self._exit(tokens, method, code, start, rid, reason)
+                    _end_span(span, code)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -158,7 +166,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid, auth_header, public)
+                span = self._span(method, md)
                 try:
+                    span.__enter__()
                     await context.send_initial_metadata((("x-request-id", rid),))
                     self._check_ready()
                     self._authenticate(tokens, auth_header, public)
@@ -172,6 +182,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await self._handle(exc, context, rid, method)
                 finally:
                     self._exit(tokens, method, code, start, rid, reason)
+                    _end_span(span, code)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -204,6 +215,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         except errors.Unauthenticated:
             if not public:
                 raise
+
+    def _span(self, method: str, md: dict[str, str]):
+        if self._tracing is None or not self._tracing.enabled:
+            return contextlib.nullcontext()
+        _, service, name = method.split("/")
+        return self._tracing.tracer.start_as_current_span(
+            method,
+            context=self._tracing.extract(md),
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
 
     def _check_ready(self) -> None:
         if self._ready is not None and not self._ready():
@@ -271,6 +293,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise exc
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
             raise exc
+        if isinstance(exc, NotImplementedError):  # a generated base servicer: the method is not there yet
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented", (("x-request-id", rid),)
+            )
         err_log.error(
             "unhandled error in %s", method, exc_info=exc, extra={"request_id": rid, "method": method}
         )
@@ -303,11 +329,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             pass
 
 
+def _end_span(span, code: grpc.StatusCode) -> None:
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            current.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+    span.__exit__(None, None, None)
+
+
 def _code_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, errors.DomainError):
         return st.code_of(exc)
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(exc, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN
     return grpc.StatusCode.INTERNAL
