@@ -74,6 +74,7 @@ _FAIL = text(
     """
 )
 _CLEAR = text("DELETE FROM auth_throttle WHERE key = :key")
+_FORGET = text("DELETE FROM rate_limit_windows WHERE key LIKE :pattern")
 _SWEEP = text("DELETE FROM rate_limit_windows WHERE window_start < now() - interval '1 day'")
 
 
@@ -111,6 +112,10 @@ class Limits:
                 retry_after=max(left, 0.001),
                 violations=[errors.QuotaViolation(subject, f"{limit} {what} per {window_seconds} s")],
             )
+
+    async def forget_user(self, session: AsyncSession, user_id: uuid.UUID) -> None:
+        """Drop the user's rate-limit windows (their keys hold the user id) with the account."""
+        await session.execute(_FORGET, {"pattern": f"rpc:{user_id}:%"})
 
     async def sweep(self) -> None:
         async with self._db.transaction() as session:

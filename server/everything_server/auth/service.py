@@ -249,3 +249,4 @@ class AuthService:
         async with self._db.transaction(p.user_id, p.session_id) as db:
             # Every user-owned table references users with ON DELETE CASCADE.
             await repo.delete_user(db, p.user_id)
+            await self._limits.forget_user(db, p.user_id)
