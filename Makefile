@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test setup lint generate check-generated buf-lint buf-breaking migrate clean
+.PHONY: run test setup lint generate check-generated buf-lint buf-breaking migrate clean gateway
+.PHONY: web web-setup web-build web-generate web-check-generated chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +18,32 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(VENV)/.installed node_modules/.installed
+WEB := clients/web
+WEB_API ?= http://127.0.0.1:8080
+
+$(WEB)/node_modules/.installed: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.installed node_modules/.installed $(WEB)/node_modules/.installed
 
 ## Run the server on the embedded defaults (embedded PostgreSQL, built-in mock model).
 run: $(VENV)/.installed
 	$(BIN)/everything-server --migrate $(ARGS)
 
 ## Run the whole test suite (against $$DATABASE_URL when set, else the embedded PostgreSQL).
-test: setup
+test: setup chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Benchmark (not a test): everything vs the mock model itself and the LiteLLM proxy, on this machine.
+## Options in BENCH_ARGS (e.g. BENCH_ARGS=--quick); writes test-artifacts/bench/results.{json,md}.
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(PY) -m tests.bench.run $(BENCH_ARGS)
+
+## Run Envoy (gRPC-Web + JSON over HTTP) on :8080 in front of `make run` (:50051); admin on 127.0.0.1:9901.
+gateway: $(VENV)/.installed
+	$(BIN)/everything-gateway --listen 8080 --upstream 127.0.0.1:50051 $(ARGS)
 
 migrate: $(VENV)/.installed
 	$(BIN)/everything-server migrate
@@ -49,5 +67,32 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## The web client (clients/web): `make web` builds it and serves dist/ on http://127.0.0.1:5173,
+## talking to the gateway at $(WEB_API) (start one with the gateway command, see README).
+web-setup: $(WEB)/node_modules/.installed
+
+web-build: web-setup
+	cd $(WEB) && npm run build
+
+web: web-build
+	node $(WEB)/scripts/serve.mjs --host 127.0.0.1 --port 5173 --api $(WEB_API)
+
+## Regenerate / check the committed TypeScript code of clients/web/src/gen (buf + protoc-gen-es).
+web-generate: web-setup node_modules/.installed $(VENV)/.installed
+	$(PY) proto/generate.py --prepare-includes
+	cd $(WEB) && npm run --silent generate
+
+web-check-generated: web-setup node_modules/.installed $(VENV)/.installed
+	$(PY) proto/generate.py --prepare-includes
+	cd $(WEB) && npm run --silent check-gen
+
+## Debian's chromium for the browser tests, when missing: apt-get as root (CI), else with sudo; without
+## either the browser tests skip (outside CI).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y --no-install-recommends chromium; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium; \
+	  else echo "chromium is missing and apt-get needs root: the browser tests will skip"; fi; }
+
 clean:
-	rm -rf $(VENV) node_modules .build
+	rm -rf $(VENV) node_modules .build $(WEB)/node_modules $(WEB)/dist

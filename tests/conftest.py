@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -95,9 +96,20 @@ def jwt_keys() -> str:
 
 
 @pytest.fixture(scope="session")
-def settings_env(database_url: str, mock_model, jwt_keys: str, tmp_path_factory) -> dict[str, str]:
+def gateway_port() -> int:
+    """A free loopback port kept for the run's Envoy, so signed image URLs can point at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def settings_env(
+    database_url: str, mock_model, jwt_keys: str, tmp_path_factory, gateway_port
+) -> dict[str, str]:
     """The environment a server of this run gets (in-process or as a subprocess)."""
     return {
+        "EVERYTHING_IMAGE_URL_BASE": f"http://127.0.0.1:{gateway_port}",
         "DATABASE_URL": database_url,
         "EVERYTHING_DATA_DIR": str(tmp_path_factory.mktemp("data")),
         "EVERYTHING_JWT_KEYS": jwt_keys,

@@ -53,10 +53,11 @@ async def start_gateway(
     allow_origins: Sequence[str] = (),
     healthy: int | None = None,
     timeout: float = START_TIMEOUT,
+    listen_port: int = 0,
 ) -> gw.Gateway:
     """Start Envoy over `upstreams` and wait (bounded) until it listens and `healthy` upstreams
     (default: all of them) pass the gRPC health check."""
-    g = gw.spawn(upstreams=upstreams, work_dir=work_dir, allow_origins=allow_origins)
+    g = gw.spawn(upstreams=upstreams, work_dir=work_dir, allow_origins=allow_origins, listen_port=listen_port)
     want = len(upstreams) if healthy is None else healthy
     deadline = time.monotonic() + timeout
     try:
@@ -84,9 +85,11 @@ async def running_gateway(upstreams: Sequence[str], work_dir: Path, **kwargs) ->
 
 
 @pytest.fixture(scope="session")
-async def gateway(app, tmp_path_factory) -> AsyncIterator[gw.Gateway]:
-    """Envoy in front of the in-process server, for the whole run."""
-    async with running_gateway([f"127.0.0.1:{app.port}"], tmp_path_factory.mktemp("gateway")) as g:
+async def gateway(app, tmp_path_factory, gateway_port) -> AsyncIterator[gw.Gateway]:
+    """Envoy in front of the in-process server, for the whole run, on the port the server's signed
+    image URLs point at."""
+    work_dir = tmp_path_factory.mktemp("gateway")
+    async with running_gateway([f"127.0.0.1:{app.port}"], work_dir, listen_port=gateway_port) as g:
         yield g
 
 
