@@ -5,13 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: run test setup lint generate check-generated buf-lint buf-breaking migrate clean gateway
+.PHONY: run test setup lint generate check-generated buf-lint buf-breaking migrate clean gateway lock security
 .PHONY: web web-setup web-build web-generate web-check-generated chromium
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -62,6 +62,16 @@ buf-lint: node_modules/.installed $(VENV)/.installed
 buf-breaking: node_modules/.installed $(VENV)/.installed
 	$(PY) proto/generate.py --prepare-includes
 	bash .ci/buf-breaking.sh
+
+## Re-pin every Python dependency (constraints.txt, used by every install) to what .venv has now.
+lock: $(VENV)/.installed
+	@{ echo "# Every Python dependency, pinned: installs use it as constraints (pip -c). Regenerate: make lock"; \
+	   $(BIN)/pip list --format=freeze --exclude-editable --disable-pip-version-check | grep -v -E '^(pip|everything-backend)=='; } \
+	   > constraints.txt
+
+## Security: dependencies audited for known vulnerabilities (ruff's bandit rules run in `make lint`).
+security: $(VENV)/.installed
+	bash .ci/audit.sh
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
