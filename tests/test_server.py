@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 
@@ -154,3 +155,48 @@ async def test_an_unmigrated_database_means_not_serving_and_unavailable(settings
             proc.terminate()
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_workers_share_one_port_and_stop_together(settings_env, tmp_path):
+    from everything.auth.v1 import auth_service_pb2 as auth_pb
+    from everything.auth.v1 import auth_service_pb2_grpc
+    from tests.support import sign_up
+
+    proc = await start_server_process(
+        server_env(settings_env), tmp_path / "server.log", args=("--workers", "2")
+    )
+    try:
+        pids = json.loads(next(line for line in proc.logs().splitlines() if '"workers started"' in line))[
+            "pids"
+        ]
+        assert len(pids) == 2
+        # Wait (bounded) until both workers listen, then spread new connections over them.
+        deadline = asyncio.get_running_loop().time() + 60
+        while proc.logs().count('"message":"listening"') < 2:
+            assert asyncio.get_running_loop().time() < deadline, proc.logs()[-3000:]
+            await asyncio.sleep(0.2)
+        async with grpc.aio.insecure_channel(proc.target) as ch:
+            user = await sign_up(auth_service_pb2_grpc.AuthServiceStub(ch))
+        for _ in range(12):  # a new connection each time: the kernel picks a worker per connection
+            async with grpc.aio.insecure_channel(
+                proc.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as ch:
+                stub = auth_service_pb2_grpc.AuthServiceStub(ch)
+                assert (
+                    await stub.GetCurrentUser(auth_pb.GetCurrentUserRequest(), metadata=user.md)
+                ).user.id == user.id
+        served = {
+            json.loads(line)["pid"]
+            for line in proc.logs().splitlines()
+            if "AuthService/GetCurrentUser" in line and line.startswith("{")
+        }
+        assert served == set(pids)  # 12 connections, both workers served some (odds against: 1 in 2000)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.proc.wait, 60) == 0
+        assert proc.logs().count('"message":"stopped"') == 2
+        for pid in pids:
+            assert (
+                not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+            )
+    finally:
+        proc.terminate()

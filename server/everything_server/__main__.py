@@ -24,6 +24,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["host"] = args.host
     if getattr(args, "migrate", False):
         overrides["migrate_on_start"] = True
+    if getattr(args, "workers", None) is not None:
+        overrides["workers"] = args.workers
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -42,6 +44,71 @@ async def _serve(settings: Settings) -> None:
     await app.start()
     await stop.wait()
     await app.stop()
+
+
+def _supervise(settings: Settings) -> int:
+    """Run `settings.workers` server processes on one port (SO_REUSEPORT): the kernel spreads
+    connections over them, so every core serves. What must happen once (the embedded database,
+    migrations, development keys) happens here first; SIGTERM/SIGINT are passed on to the workers,
+    which drain as usual. Exits 0 when every worker did."""
+    import os
+    import socket
+    import subprocess
+
+    from everything_server import keys
+    from everything_server.db import migrate
+    from everything_server.db.embedded import start_embedded
+
+    env = {k: v for k, v in os.environ.items()}
+    if settings.database_url is None:
+        env["DATABASE_URL"] = start_embedded(settings.data_dir)
+    url = env.get("DATABASE_URL") or settings.database_url.get_secret_value()
+    if settings.migrate_on_start:
+        migration_url = (
+            settings.migration_database_url.get_secret_value() if settings.migration_database_url else url
+        )
+        migrate.upgrade(migration_url)
+    if settings.jwt_keys is None:
+        keys.load_or_create(settings.data_dir, "jwt")  # created once, so every worker signs alike
+    if settings.url_signing_key is None:
+        keys.load_or_create(settings.data_dir, "url-signing")
+    port = settings.port
+    if port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((settings.host.strip("[]"), 0))
+            port = sock.getsockname()[1]
+    env.update(
+        {
+            "EVERYTHING_WORKERS": "1",
+            "EVERYTHING_REUSE_PORT": "true",
+            "EVERYTHING_PORT": str(port),
+            "EVERYTHING_HOST": settings.host,
+            "EVERYTHING_MIGRATE_ON_START": "false",
+        }
+    )
+    workers = []
+    for i in range(settings.workers):
+        worker_env = dict(env)
+        if settings.metrics_port:
+            worker_env["EVERYTHING_METRICS_PORT"] = str(settings.metrics_port + i)
+        workers.append(subprocess.Popen([sys.executable, "-m", "everything_server", "serve"], env=worker_env))
+    log.info(
+        "workers started", extra={"workers": settings.workers, "port": port, "pids": [w.pid for w in workers]}
+    )
+
+    def forward(signum, _frame) -> None:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [w.wait() for w in workers]
+    failed = [c for c in codes if c != 0]
+    if failed:
+        log.error("workers exited with errors", extra={"codes": codes})
+    return 1 if failed else 0
 
 
 async def _migrate(settings: Settings) -> None:
@@ -68,11 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", help="address to bind; env EVERYTHING_HOST (default [::])")
     parser.add_argument("--migrate", action="store_true", help="upgrade the database before serving")
+    parser.add_argument(
+        "--workers", type=int, help="server processes on one port, e.g. one per core; env EVERYTHING_WORKERS"
+    )
     args = parser.parse_args(argv)
     settings = _settings(args)
     logs.setup(settings.log_level, settings.log_json)
     if args.command == "migrate":
         asyncio.run(_migrate(settings))
+    elif settings.workers > 1:
+        sys.exit(_supervise(settings))
     else:
         asyncio.run(_serve(settings))
 

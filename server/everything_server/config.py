@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="Prometheus /metrics port; off when unset"
     )
     metrics_host: str = "127.0.0.1"
+    # Worker processes on one port (SO_REUSEPORT), so a machine's every core serves; 1 = this process.
+    workers: int = Field(1, ge=1, le=64)
+    reuse_port: bool = False
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
