@@ -137,7 +137,10 @@ async def test_a_reply_started_on_one_replica_is_watched_and_cancelled_through_t
         deadline = asyncio.get_running_loop().time() + 10
         while True:
             logs = {a.target: a.logs(), b.target: b.logs()}
-            if '.ChatService/SendMessage"' in logs[generating] or asyncio.get_running_loop().time() > deadline:
+            if (
+                '.ChatService/SendMessage"' in logs[generating]
+                or asyncio.get_running_loop().time() > deadline
+            ):
                 break
             await asyncio.sleep(0.1)
         assert '.ChatService/SendMessage"' in logs[generating]
