@@ -200,3 +200,23 @@ async def test_workers_share_one_port_and_stop_together(settings_env, tmp_path):
             )
     finally:
         proc.terminate()
+
+
+def test_production_refuses_weak_or_missing_secrets(settings_env):
+    env = server_env(
+        {},
+        EVERYTHING_ENVIRONMENT="production",
+        EVERYTHING_DATA_DIR=settings_env["EVERYTHING_DATA_DIR"],
+        DATABASE_URL="postgresql://everything_app@db.invalid:5432/everything",
+        EVERYTHING_JWT_KEYS="k1:" + "s" * 40,
+        EVERYTHING_URL_SIGNING_KEY="too-short-signing-key",
+        OPENAI_API_KEY="sk-not-real",
+    )
+    result = run([str(BIN / "everything-server")], env=env)
+    assert result.returncode != 0
+    assert "DATABASE_URL must carry" in result.stderr
+    assert "EVERYTHING_URL_SIGNING_KEY must be at least 32 bytes" in result.stderr
+    for secret in ("s" * 40, "too-short-signing-key", "sk-not-real"):
+        assert secret not in result.stderr  # secrets are never echoed back
+    weak = server_env(env, EVERYTHING_JWT_KEYS="k1:weak")
+    assert "shorter than 32 bytes" in run([str(BIN / "everything-server")], env=weak).stderr

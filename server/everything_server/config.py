@@ -153,8 +153,12 @@ class Settings(BaseSettings):
                 problems.append("EVERYTHING_JWT_KEYS must be set (a generated key is for development only)")
             if self.url_signing_key is None:
                 problems.append("EVERYTHING_URL_SIGNING_KEY must be set")
+            elif len(self.url_signing_key.get_secret_value().encode()) < 32:
+                problems.append("EVERYTHING_URL_SIGNING_KEY must be at least 32 bytes")
             if self.database_url is None:
                 problems.append("DATABASE_URL must be set (the embedded PostgreSQL is for development only)")
+            elif not _has_password(self.database_url.get_secret_value()):
+                problems.append("DATABASE_URL must carry the application role's password")
             if self.openai_api_key is None and self.openai_base_url is None:
                 problems.append(
                     "OPENAI_API_KEY or OPENAI_BASE_URL must be set (the mock model is for development only)"
@@ -203,3 +207,10 @@ def parse_networks(raw: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Netwo
         return [ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip()]
     except ValueError as exc:
         raise ValueError(f"not a list of CIDRs: {exc}") from None
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    return bool(parts.password) or bool(parse_qs(parts.query).get("password"))
