@@ -204,7 +204,9 @@ class Container:
                     extra={"role": role},
                 )
                 return
-            # Development convenience on a trusted local server: let the app role log in.
+            # Development convenience on a trusted local server: let the app role log in. Replicas
+            # starting together take turns (concurrent ALTER ROLE fails: "tuple concurrently updated").
+            await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('everything_app_role_login'))"))
             await conn.execute(text(f'ALTER ROLE "{app_role}" LOGIN'))
             await conn.commit()
         app_url = (

@@ -416,7 +416,10 @@ class Generator:
             error=error_to_json(error) if status == FAILED else None,
         )
         try:
-            row = await _uncancellable(self._save_final(gen, done), SAVE_TIMEOUT_SECONDS)
+            # Again while the database is away: a reply that finished in a blip must not stay
+            # GENERATING. A retry after a commit whose answer was lost finds it finished (None).
+            saving = self._db.patiently(lambda: self._save_final(gen, done), patience=SAVE_TIMEOUT_SECONDS)
+            row = await _uncancellable(saving, SAVE_TIMEOUT_SECONDS)
         except Exception as exc:
             # Followers still get the outcome; the row stays GENERATING until its lease runs out.
             log.error(

@@ -8,10 +8,12 @@ still live, so a revoked session's access token stops working at once, on every 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
 
 from opentelemetry import trace
 from sqlalchemy import event, text
@@ -25,6 +27,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from everything_server import errors
+
+T = TypeVar("T")
 
 _SET_CALLER = text(
     "SELECT set_config('app.user_id', :uid, true) AS uid, "
@@ -41,12 +45,24 @@ def asyncpg_url(url: str) -> str:
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
 
 
+# SQLSTATEs about the connection, not the statement: class 08 (asyncpg's "connection was closed in the
+# middle of operation" is 08003) and 57P01-57P03 (the server is shutting down, crashed, or is not
+# accepting connections yet: a restart). asyncpg raises them while connecting too, where SQLAlchemy
+# has no connection to mark invalidated.
+_DISCONNECT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
 def is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (ConnectionError, OSError)) and not isinstance(exc, FileNotFoundError)
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return exc.connection_invalidated or sqlstate.startswith(_DISCONNECT_SQLSTATES)
+    if isinstance(exc, FileNotFoundError):
+        # connect() to a unix socket that is gone (PostgreSQL restarting) names no file; a missing
+        # file that someone opened does.
+        return exc.filename is None
+    return isinstance(exc, (ConnectionError, OSError))
 
 
 @contextmanager
@@ -124,6 +140,24 @@ class Database:
                 elif user_id is not None:
                     await session.execute(_SET_USER, {"uid": str(user_id)})
                 yield session
+
+    async def patiently(self, work: Callable[[], Awaitable[T]], *, patience: float) -> T:
+        """`work()` (a unit of work with its own transaction), tried again while the database is
+        unavailable (a restart, a failover) for up to `patience` seconds, then its error. For the
+        final save of work that outlives its RPC (a reply, a search, an image): a blip must not
+        leave it unfinished for good. `work` must be safe to repeat (a commit whose answer was lost
+        runs again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        delay = 0.1
+        while True:
+            try:
+                return await work()
+            except errors.Unavailable as exc:
+                if exc.reason != "DATABASE_UNAVAILABLE" or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:

@@ -55,6 +55,7 @@ MAX_PARTIAL_IMAGES = 3
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 EXPORT_PAGE = 100
 REPLAY_POLL_SECONDS = 2.0
+SAVE_PATIENCE_SECONDS = 10.0
 # A preview larger than this is announced by progress only: a message must stay under the limit.
 MESSAGE_HEADROOM_BYTES = 64 * 1024
 
@@ -336,7 +337,10 @@ class ImageService:
                     "the model sent something that is not an image", reason="UPSTREAM_BAD_RESPONSE"
                 )
             run.emit(image.id, "progress", percent=90, stage="storing")
-            stored = await self._store_image(image, result, content_type)
+            # Again while the database is away: an image must not stay GENERATING for good.
+            stored = await self._db.patiently(
+                lambda: self._store_image(image, result, content_type), patience=SAVE_PATIENCE_SECONDS
+            )
             if stored is None:
                 return errors.NotFound("image", str(image.id))  # deleted while it was drawn
             run.emit(image.id, "completed", image=stored)
@@ -356,8 +360,12 @@ class ImageService:
         # The owner's id, not their sign-in session: the image is theirs even if they signed out since.
         async with self._db.transaction(image.user_id) as db:
             # Locked, so a concurrent DeleteImage either goes first (nothing to store) or waits.
-            if await repo.get(db, image.user_id, image.id, for_update=True) is None:
+            current = await repo.get(db, image.user_id, image.id, for_update=True)
+            if current is None:
                 return None
+            if current.status == COMPLETED:  # a retry after a commit whose answer was lost
+                return current
+            db.expunge(current)  # so that the UPDATE ... RETURNING below gives a fresh object
             key = await self._store.put(db, image.id, image.user_id, result.data, content_type)
             stored = await repo.complete(
                 db,
@@ -377,10 +385,15 @@ class ImageService:
         return stored
 
     async def _fail(self, run: _Run, image: Image, reason: str) -> None:
-        try:
-            async with asyncio.timeout(10), self._db.transaction(image.user_id) as db:
+        async def once() -> Image | None:
+            async with self._db.transaction(image.user_id) as db:
                 failed = await repo.fail(db, image.user_id, image.id, reason)
                 await notify(db, IMAGE_CHANNEL, str(image.id))
+            return failed
+
+        try:
+            async with asyncio.timeout(SAVE_PATIENCE_SECONDS + 5):
+                failed = await self._db.patiently(once, patience=SAVE_PATIENCE_SECONDS)
         except Exception:
             log.exception("could not save a failed image", extra={"image_id": str(image.id)})
             return

@@ -72,6 +72,7 @@ CANCEL_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.1
 REPLAY_POLL_SECONDS = 0.5
 REPLAY_MAX_SECONDS = 900.0
+SAVE_PATIENCE_SECONDS = 15.0
 
 INSTRUCTIONS = (
     "Answer the user's search query using the numbered sources below. Write a concise, well "
@@ -322,18 +323,23 @@ class SearchService:
 
         async def save(status: Status, reason: str = "") -> SearchQuery | None:
             u = usage()
-            async with self._db.transaction(user_id) as s:
-                return await repo.finish(
-                    s,
-                    user_id,
-                    search_id,
-                    status=status,
-                    summary="".join(parts),
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    usage_estimated=u.estimated,
-                    error_reason=reason,
-                )
+
+            async def once() -> SearchQuery | None:
+                async with self._db.transaction(user_id) as s:
+                    return await repo.finish(
+                        s,
+                        user_id,
+                        search_id,
+                        status=status,
+                        summary="".join(parts),
+                        prompt_tokens=u.prompt_tokens,
+                        completion_tokens=u.completion_tokens,
+                        usage_estimated=u.estimated,
+                        error_reason=reason,
+                    )
+
+            # Again while the database is away: a search must not stay RUNNING for good.
+            return await self._db.patiently(once, patience=SAVE_PATIENCE_SECONDS)
 
         outcome = "failed"
         try:
