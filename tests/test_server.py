@@ -220,3 +220,34 @@ def test_production_refuses_weak_or_missing_secrets(settings_env):
         assert secret not in result.stderr  # secrets are never echoed back
     weak = server_env(env, EVERYTHING_JWT_KEYS="k1:weak")
     assert "shorter than 32 bytes" in run([str(BIN / "everything-server")], env=weak).stderr
+
+
+async def test_searches_and_images_whose_replica_died_are_failed_by_the_sweep(app, user, db_conn):
+    import uuid
+
+    uid = uuid.UUID(user.id)
+    stale_search, fresh_search, stale_image = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await db_conn.execute(
+        "INSERT INTO search_queries (id, user_id, query, status, updated_at) VALUES "
+        "($1, $3, 'lost', 'running', now() - interval '2 hours'), ($2, $3, 'live', 'running', now())",
+        stale_search,
+        fresh_search,
+        uid,
+    )
+    await db_conn.execute(
+        "INSERT INTO images (id, user_id, prompt, size, model, status, updated_at) "
+        "VALUES ($1, $2, 'lost', '256x256', 'm', 'generating', now() - interval '2 hours')",
+        stale_image,
+        uid,
+    )
+    await app.sweep()
+    status = {
+        r["id"]: (r["status"], r["error_reason"])
+        for r in await db_conn.fetch(
+            "SELECT id, status, error_reason FROM search_queries WHERE user_id = $1", uid
+        )
+    }
+    assert status[stale_search] == ("failed", "SHUTTING_DOWN")
+    assert status[fresh_search] == ("running", "")
+    image = await db_conn.fetchrow("SELECT status, error_reason FROM images WHERE id = $1", stale_image)
+    assert tuple(image) == ("failed", "SHUTTING_DOWN")

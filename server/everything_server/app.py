@@ -12,6 +12,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import text
 
 from everything.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from everything.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
@@ -165,12 +166,26 @@ class App:
         beats = 0
         while not self._draining:
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
-            if await self._check_health() and beats % 300 == 0:  # about every 10 minutes
+            if await self._check_health() and beats % 30 == 0:  # about every minute
                 try:
-                    await self.container.limits.sweep()
+                    await self.sweep()
                 except Exception:  # housekeeping only; the next round tries again
-                    log.warning("could not sweep old rate-limit windows")
+                    log.warning("housekeeping failed; trying again later")
             beats += 1
+
+    async def sweep(self) -> None:
+        """Housekeeping every replica may do (idempotent): old rate-limit windows go, and searches and
+        images whose replica died are failed instead of running forever."""
+        assert self.container is not None
+        await self.container.limits.sweep()
+        async with self.container.db.transaction() as session:
+            failed = (
+                await session.execute(
+                    text("SELECT app_fail_stale_work(:age)"), {"age": self.settings.stale_work_seconds}
+                )
+            ).scalar_one()
+        if failed:
+            log.warning("failed searches and images whose replica died", extra={"count": failed})
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, give running ones `grace` seconds, then close."""

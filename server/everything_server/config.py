@@ -39,6 +39,8 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="Prometheus /metrics port; off when unset"
     )
     metrics_host: str = "127.0.0.1"
+    # A search or image still running this long after its last change lost its replica: it is failed.
+    stale_work_seconds: float = Field(600.0, ge=60, le=86400)
     # Worker processes on one port (SO_REUSEPORT), so a machine's every core serves; 1 = this process.
     workers: int = Field(1, ge=1, le=64)
     reuse_port: bool = False
