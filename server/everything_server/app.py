@@ -81,6 +81,9 @@ class App:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.db_ready = False
+        # Read once: the migration files on disk may change under a running process.
+        self._head = migrate.head_revision()
+        self._known_revisions = migrate.known_revisions()
         self._service_names: list[str] = []
         self._draining = False
         self._watcher: asyncio.Task | None = None
@@ -151,7 +154,7 @@ class App:
         try:
             async with asyncio.timeout(HEALTH_INTERVAL_SECONDS * 2):
                 revision = await self.container.db.current_revision()
-            ok = revision is not None and revision == migrate.head_revision()
+            ok = migrate.is_current(revision, self._head, self._known_revisions)
             if not ok:
                 log.warning("database is not migrated to head", extra={"revision": revision})
         except Exception as exc:  # any failure to reach the database means not serving

@@ -56,3 +56,12 @@ def test_there_is_one_head():
 
     script = ScriptDirectory.from_config(migrate.alembic_config("postgresql://unused"))
     assert len(script.get_heads()) == 1
+
+
+def test_a_replica_serves_at_head_or_at_a_newer_revision_but_not_behind():
+    head = migrate.head_revision()
+    known = migrate.known_revisions()
+    assert migrate.is_current(head, head, known)
+    assert migrate.is_current("9999_from_a_newer_release", head, known)  # a rolling deploy migrated ahead
+    assert not migrate.is_current(None, head, known)
+    assert not migrate.is_current("0001_auth", head, known)

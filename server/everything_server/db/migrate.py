@@ -30,6 +30,18 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("postgresql://unused")).get_current_head()
 
 
+def is_current(revision: str | None, head: str | None, known: frozenset[str]) -> bool:
+    """Whether code whose migrations end at `head` may serve a database at `revision`: at head, or
+    at a revision this code does not know, which a newer release applied during a rolling deploy
+    (migrations only expand, so older replicas keep working). None or an older one is not ready."""
+    return revision is not None and (revision == head or revision not in known)
+
+
+def known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
