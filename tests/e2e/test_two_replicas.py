@@ -56,10 +56,16 @@ async def test_a_reply_started_on_one_replica_is_watched_and_cancelled_through_t
     settings_env, tmp_path, gateway_factory, mock_model
 ):
     env = server_env(settings_env)
-    a, b = await asyncio.gather(
-        start_server_process(env, tmp_path / "a.log"), start_server_process(env, tmp_path / "b.log")
+    started = await asyncio.gather(
+        start_server_process(env, tmp_path / "a.log"),
+        start_server_process(env, tmp_path / "b.log"),
+        return_exceptions=True,
     )
     try:
+        for p in started:
+            if isinstance(p, BaseException):
+                raise p  # whichever did start is stopped below
+        a, b = started
         gw = await gateway_factory([a.target, b.target])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
             auth = auth_service_pb2_grpc.AuthServiceStub(ch)
@@ -146,5 +152,6 @@ async def test_a_reply_started_on_one_replica_is_watched_and_cancelled_through_t
         assert '.ChatService/SendMessage"' in logs[generating]
         assert '.ChatService/CancelGeneration"' in logs[other]
     finally:
-        a.terminate()
-        b.terminate()
+        for p in started:
+            if not isinstance(p, BaseException):
+                p.terminate()

@@ -26,15 +26,23 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 async def two_replicas(settings_env, tmp_path, request):
     extra = getattr(request, "param", {})
     env = server_env(settings_env, **extra)
-    procs = await asyncio.gather(
-        start_server_process(env, tmp_path / "a.log"), start_server_process(env, tmp_path / "b.log")
+    started = await asyncio.gather(
+        start_server_process(env, tmp_path / "a.log"),
+        start_server_process(env, tmp_path / "b.log"),
+        return_exceptions=True,
     )
-    channels = [grpc.aio.insecure_channel(p.target) for p in procs]
-    yield [auth_service_pb2_grpc.AuthServiceStub(ch) for ch in channels]
-    for ch in channels:
-        await ch.close()
-    for p in procs:
-        p.terminate()
+    procs = [p for p in started if not isinstance(p, BaseException)]
+    try:
+        for p in started:
+            if isinstance(p, BaseException):
+                raise p  # the other one is stopped below all the same
+        channels = [grpc.aio.insecure_channel(p.target) for p in procs]
+        yield [auth_service_pb2_grpc.AuthServiceStub(ch) for ch in channels]
+        for ch in channels:
+            await ch.close()
+    finally:
+        for p in procs:
+            p.terminate()
 
 
 async def _fresh_window(seconds_needed: float = 15) -> None:
