@@ -106,10 +106,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._streams = 0
         self._streams_by_user: dict[uuid.UUID, int] = {}
 
-    @property
-    def open_streams(self) -> int:
-        return self._streams
-
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -130,15 +126,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request, context):
                 start = time.perf_counter()
                 code, reason = grpc.StatusCode.OK, None
-                tokens = self._enter(rid, auth_header, public)
+                tokens = self._enter(rid)
                 span = self._span(method, md)
                 try:
                     span.__enter__()
                     context.set_trailing_metadata((("x-request-id", rid),))
-                    self._check_ready()
-                    self._authenticate(tokens, auth_header, public)
-                    await self._rate_limit(method)
-                    _check_decoded(request)
+                    await self._admit(method, request, auth_header, public)
                     try:
                         async with asyncio.timeout(self._caps.unary_timeout_seconds):
                             return await behavior(request, context)
@@ -165,15 +158,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request, context):
                 start = time.perf_counter()
                 code, reason = grpc.StatusCode.OK, None
-                tokens = self._enter(rid, auth_header, public)
+                tokens = self._enter(rid)
                 span = self._span(method, md)
                 try:
                     span.__enter__()
                     await context.send_initial_metadata((("x-request-id", rid),))
-                    self._check_ready()
-                    self._authenticate(tokens, auth_header, public)
-                    await self._rate_limit(method)
-                    _check_decoded(request)
+                    await self._admit(method, request, auth_header, public)
                     with self._stream_slot():
                         async for item in stream_behavior(request, context):
                             yield item
@@ -193,10 +183,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     # -- pieces -----------------------------------------------------------------------------------
 
-    def _enter(self, rid: str, auth_header: str, public: bool):
+    def _enter(self, rid: str):
         return (ctx.set_request_id(rid), ctx.set_principal(None))
 
-    def _authenticate(self, tokens, auth_header: str, public: bool) -> None:
+    async def _admit(self, method: str, request, auth_header: str, public: bool) -> None:
+        """What every call passes before its handler: a ready database, the caller, the caller's
+        rate limit, and a request that decoded."""
+        self._check_ready()
+        self._authenticate(auth_header, public)
+        await self._rate_limit(method)
+        _check_decoded(request)
+
+    def _authenticate(self, auth_header: str, public: bool) -> None:
         if not auth_header:
             if public:
                 return
@@ -283,13 +281,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _handle(self, exc: BaseException, context, rid: str, method: str) -> None:
         if isinstance(exc, errors.DomainError):
-            status = st.to_status(exc, rid)
-            await context.abort(
-                status.code, status.details, status.trailing_metadata + (("x-request-id", rid),)
-            )
+            await _abort(context, st.to_status(exc, rid), rid)
         if isinstance(exc, asyncio.CancelledError):
             raise exc
-        if isinstance(exc, grpc.aio.AbortError) or type(exc).__name__ == "AbortError":
+        if isinstance(exc, grpc.aio.AbortError):
             raise exc
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
             raise exc
@@ -300,9 +295,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         err_log.error(
             "unhandled error in %s", method, exc_info=exc, extra={"request_id": rid, "method": method}
         )
-        status = st.internal_status(rid)
-        await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
-        raise AssertionError("unreachable")  # abort raises
+        await _abort(context, st.internal_status(rid), rid)
 
     def _exit(
         self, tokens, method: str, code: grpc.StatusCode, start: float, rid: str, reason: str | None
@@ -327,6 +320,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             ctx._principal.reset(tokens[1])
         except ValueError:  # a stream closed from another context; its context dies with it
             pass
+
+
+async def _abort(context, status: grpc.Status, rid: str) -> None:
+    """End the call with `status`, its details and the request id in the trailers (raises)."""
+    await context.abort(status.code, status.details, status.trailing_metadata + (("x-request-id", rid),))
 
 
 def _end_span(span, code: grpc.StatusCode) -> None:
