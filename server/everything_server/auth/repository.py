@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server.auth.models import RefreshToken, Session, User
+from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
 
@@ -121,11 +122,7 @@ async def list_live_sessions(
     stmt = select(Session).where(
         Session.user_id == user_id, Session.revoked_at.is_(None), Session.expires_at > func.now()
     )
-    if after is not None:
-        stmt = stmt.where(
-            or_(Session.created_at < after.at, and_(Session.created_at == after.at, Session.id < after.id))
-        )
-    stmt = stmt.order_by(Session.created_at.desc(), Session.id.desc()).limit(limit)
+    stmt = paging.keyset(stmt, Session.created_at, Session.id, after).limit(limit)
     return list((await db.execute(stmt)).scalars())
 
 

@@ -216,7 +216,7 @@ class AuthService:
         after = paging.decode(page_token)
         async with self._db.transaction(p.user_id, p.session_id) as db:
             rows = await repo.list_live_sessions(db, user_id=p.user_id, limit=page_size + 1, after=after)
-        return rows[:page_size], paging.next_token(rows, page_size, lambda s: (s.created_at, s.id))
+        return paging.page(rows, page_size, lambda s: (s.created_at, s.id))
 
     async def revoke_session(self, p: Principal, session_id: uuid.UUID) -> None:
         async with self._db.transaction(p.user_id, p.session_id) as db:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, or_, select, text, tuple_, update
+from sqlalchemy import delete, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -22,6 +22,7 @@ from everything_server.chat.models import (
     MessageEvents,
     Thread,
 )
+from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
 # -- threads -------------------------------------------------------------------------------------
@@ -41,11 +42,7 @@ async def list_threads(
     db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: Cursor | None
 ) -> list[Thread]:
     stmt = select(Thread).where(Thread.user_id == user_id)
-    if after is not None:
-        stmt = stmt.where(
-            or_(Thread.updated_at < after.at, and_(Thread.updated_at == after.at, Thread.id < after.id))
-        )
-    stmt = stmt.order_by(Thread.updated_at.desc(), Thread.id.desc()).limit(limit)
+    stmt = paging.keyset(stmt, Thread.updated_at, Thread.id, after).limit(limit)
     return list((await db.execute(stmt)).scalars())
 
 

@@ -141,8 +141,7 @@ class ChatService:
         after = paging.decode(page_token)
         async with self._db.transaction(p.user_id, p.session_id) as s:
             rows = await repo.list_threads(s, user_id=p.user_id, limit=page_size + 1, after=after)
-        token = paging.next_token(rows, page_size, lambda t: (t.updated_at, t.id))
-        return rows[:page_size], token
+        return paging.page(rows, page_size, lambda t: (t.updated_at, t.id))
 
     async def get_thread(self, p: Principal, thread_id: uuid.UUID) -> Thread:
         async with self._db.transaction(p.user_id, p.session_id) as s:

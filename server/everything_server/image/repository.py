@@ -6,11 +6,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server.image.models import COMPLETED, FAILED, GENERATING, Image
+from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
 
@@ -58,18 +59,7 @@ async def list_images(
     db: AsyncSession, user_id: uuid.UUID, *, limit: int, after: Cursor | None, newest_first: bool = True
 ) -> list[Image]:
     stmt = select(Image).where(Image.user_id == user_id)
-    if newest_first:
-        if after is not None:
-            stmt = stmt.where(
-                or_(Image.created_at < after.at, and_(Image.created_at == after.at, Image.id < after.id))
-            )
-        stmt = stmt.order_by(Image.created_at.desc(), Image.id.desc())
-    else:
-        if after is not None:
-            stmt = stmt.where(
-                or_(Image.created_at > after.at, and_(Image.created_at == after.at, Image.id > after.id))
-            )
-        stmt = stmt.order_by(Image.created_at, Image.id)
+    stmt = paging.keyset(stmt, Image.created_at, Image.id, after, descending=newest_first)
     return list((await db.execute(stmt.limit(limit))).scalars())
 
 

@@ -459,7 +459,7 @@ class ImageService:
         after = paging.decode(page_token)
         async with self._db.transaction(p.user_id, p.session_id) as db:
             rows = await repo.list_images(db, p.user_id, limit=page_size + 1, after=after)
-        return rows[:page_size], paging.next_token(rows, page_size, lambda i: (i.created_at, i.id))
+        return paging.page(rows, page_size, lambda i: (i.created_at, i.id))
 
     async def delete(self, p: Principal, image_id: uuid.UUID) -> None:
         async with self._db.transaction(p.user_id, p.session_id) as db:

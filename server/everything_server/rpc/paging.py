@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
+from sqlalchemy import Select, tuple_
 
 from everything_server.errors import InvalidArgument
 
@@ -41,6 +42,19 @@ def decode(token: str, field: str = "page_token") -> Cursor | None:
         return Cursor(at=at, id=uuid.UUID(data["i"]))
     except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
         raise InvalidArgument(field, "is not a token returned by this list") from None
+
+
+def keyset(stmt: Select, at_col, id_col, after: Cursor | None, *, descending: bool = True) -> Select:
+    """Order `stmt` by (at, id) and start after the cursor's row: the one keyset rule of every list."""
+    if after is not None:
+        row, mark = tuple_(at_col, id_col), tuple_(after.at, after.id)
+        stmt = stmt.where(row < mark if descending else row > mark)
+    return stmt.order_by(*((at_col.desc(), id_col.desc()) if descending else (at_col, id_col)))
+
+
+def page(rows: list, page_size: int, key) -> tuple[list, str]:
+    """Rows fetched with limit page_size + 1 → (this page, the token of the next one)."""
+    return rows[:page_size], next_token(rows, page_size, key)
 
 
 def next_token(rows: list, page_size: int, key) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 from everything_server.search.models import SearchQuery, Status
 
@@ -68,14 +69,7 @@ async def list_searches(
     db: AsyncSession, user_id: uuid.UUID, *, limit: int, after: Cursor | None
 ) -> list[SearchQuery]:
     stmt = select(SearchQuery).where(SearchQuery.user_id == user_id)
-    if after is not None:
-        stmt = stmt.where(
-            or_(
-                SearchQuery.created_at < after.at,
-                and_(SearchQuery.created_at == after.at, SearchQuery.id < after.id),
-            )
-        )
-    stmt = stmt.order_by(SearchQuery.created_at.desc(), SearchQuery.id.desc()).limit(limit)
+    stmt = paging.keyset(stmt, SearchQuery.created_at, SearchQuery.id, after).limit(limit)
     return list((await db.execute(stmt)).scalars())
 
 

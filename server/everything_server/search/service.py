@@ -480,7 +480,7 @@ class SearchService:
         after = paging.decode(page_token)
         async with self._db.transaction(p.user_id, p.session_id) as s:
             rows = await repo.list_searches(s, p.user_id, limit=size + 1, after=after)
-        return rows[:size], paging.next_token(rows, size, lambda r: (r.created_at, r.id))
+        return paging.page(rows, size, lambda r: (r.created_at, r.id))
 
     async def delete(self, p: Principal, search_id: uuid.UUID) -> None:
         async with self._db.transaction(p.user_id, p.session_id) as s:
