@@ -55,23 +55,14 @@ def _supervise(settings: Settings) -> int:
     import socket
     import subprocess
 
-    from everything_server import keys
+    from everything_server.container import migration_url, resolve_database_url, signing_keys
     from everything_server.db import migrate
-    from everything_server.db.embedded import start_embedded
 
-    env = {k: v for k, v in os.environ.items()}
-    if settings.database_url is None:
-        env["DATABASE_URL"] = start_embedded(settings.data_dir)
-    url = env.get("DATABASE_URL") or settings.database_url.get_secret_value()
+    env = dict(os.environ)
+    env["DATABASE_URL"] = url = resolve_database_url(settings)
     if settings.migrate_on_start:
-        migration_url = (
-            settings.migration_database_url.get_secret_value() if settings.migration_database_url else url
-        )
-        migrate.upgrade(migration_url)
-    if settings.jwt_keys is None:
-        keys.load_or_create(settings.data_dir, "jwt")  # created once, so every worker signs alike
-    if settings.url_signing_key is None:
-        keys.load_or_create(settings.data_dir, "url-signing")
+        migrate.upgrade(migration_url(settings, url))
+    signing_keys(settings)  # development keys are created here once, so every worker signs alike
     port = settings.port
     if port == 0:
         with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as sock:
@@ -112,18 +103,15 @@ def _supervise(settings: Settings) -> int:
 
 
 async def _migrate(settings: Settings) -> None:
-    from everything_server.container import Container
+    from everything_server.container import resolve_database_url
     from everything_server.db import migrate
 
+    # The owner's URL when given; else the database's (only then is an embedded one started).
     if settings.migration_database_url is not None:
         url = settings.migration_database_url.get_secret_value()
-        await migrate.upgrade_async(url)
-        return
-    container = await Container.create(settings)
-    try:
-        await migrate.upgrade_async(container.database_url)
-    finally:
-        await container.aclose()
+    else:
+        url = await asyncio.to_thread(resolve_database_url, settings)
+    await migrate.upgrade_async(url)
     log.info("migrated", extra={"revision": migrate.head_revision()})
 
 

@@ -32,6 +32,38 @@ from everything_server.tracing import Tracing
 log = logging.getLogger(__name__)
 
 
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL, else the embedded PostgreSQL (started if needed; blocking)."""
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    url = start_embedded(settings.data_dir)
+    log.warning(
+        "DATABASE_URL is not set: using the embedded PostgreSQL", extra={"data_dir": str(settings.data_dir)}
+    )
+    return url
+
+
+def migration_url(settings: Settings, database_url: str) -> str:
+    """MIGRATION_DATABASE_URL (the schema owner), else the database URL itself."""
+    m = settings.migration_database_url
+    return m.get_secret_value() if m is not None else database_url
+
+
+def signing_keys(settings: Settings) -> tuple[list[tuple[str, str]], bytes]:
+    """The JWT keys and the URL-signing key: configured, else development keys kept in the data
+    folder (created once, so every process and restart signs alike)."""
+    if settings.jwt_keys is not None:
+        jwt_keys = parse_jwt_keys(settings.jwt_keys.get_secret_value())
+    else:
+        jwt_keys = [("local-dev", keys.load_or_create(settings.data_dir, "jwt"))]
+        log.warning("EVERYTHING_JWT_KEYS is not set: using a generated development key from the data folder")
+    if settings.url_signing_key is not None:
+        url_key = settings.url_signing_key.get_secret_value().encode()
+    else:
+        url_key = keys.load_or_create(settings.data_dir, "url-signing").encode()
+    return jwt_keys, url_key
+
+
 @dataclass
 class Container:
     settings: Settings
@@ -54,25 +86,8 @@ class Container:
 
     @classmethod
     async def create(cls, settings: Settings) -> Container:
-        if settings.database_url is not None:
-            url = settings.database_url.get_secret_value()
-        else:
-            url = await asyncio.to_thread(start_embedded, settings.data_dir)
-            log.warning(
-                "DATABASE_URL is not set: using the embedded PostgreSQL",
-                extra={"data_dir": str(settings.data_dir)},
-            )
-        if settings.jwt_keys is not None:
-            jwt_keys = parse_jwt_keys(settings.jwt_keys.get_secret_value())
-        else:
-            jwt_keys = [("local-dev", keys.load_or_create(settings.data_dir, "jwt"))]
-            log.warning(
-                "EVERYTHING_JWT_KEYS is not set: using a generated development key from the data folder"
-            )
-        if settings.url_signing_key is not None:
-            url_key = settings.url_signing_key.get_secret_value().encode()
-        else:
-            url_key = keys.load_or_create(settings.data_dir, "url-signing").encode()
+        url = await asyncio.to_thread(resolve_database_url, settings)
+        jwt_keys, url_key = signing_keys(settings)
 
         db = Database(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
         tokens = TokenService(
@@ -164,8 +179,7 @@ class Container:
 
     @property
     def migration_url(self) -> str:
-        m = self.settings.migration_database_url
-        return m.get_secret_value() if m is not None else self.database_url
+        return migration_url(self.settings, self.database_url)
 
     async def start(self) -> None:
         """Open what needs a live database (the LISTEN connection). Called after migrations."""
