@@ -83,6 +83,3 @@ class Background:
         if pending:
             with contextlib.suppress(Exception):
                 await asyncio.wait(pending, timeout=5)
-
-    async def close(self) -> None:
-        await self._pubsub.unsubscribe(CANCEL_CHANNEL, self._on_cancel)
