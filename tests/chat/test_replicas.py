@@ -12,6 +12,7 @@ import pytest
 
 from everything.chat.v1 import chat_service_pb2 as pb
 from everything.chat.v1 import chat_service_pb2_grpc
+from everything_server.chat import generation
 from tests.chat.helpers import (
     CANCELLED,
     COMPLETED,
@@ -177,9 +178,14 @@ async def test_a_watcher_recovers_what_it_missed_while_its_listen_connection_was
     assert watched.text == original.final.content
 
 
-async def test_a_generating_message_listed_anywhere_resumes_exactly_from_its_seq(chat_stub, replica, user):
+async def test_a_generating_message_listed_anywhere_resumes_exactly_from_its_seq(
+    chat_stub, replica, user, monkeypatch
+):
     """ListMessages shows a GENERATING reply with the text stored so far and the seq it ends at, so
     WatchMessage(after_seq=seq) continues it without a gap or a repeat."""
+    # This server (which generates) stores every tick instead of every DURABLE_SECONDS, so the
+    # listing sees some text within the reply's two seconds.
+    monkeypatch.setattr(generation, "DURABLE_SECONDS", generation.TICK_SECONDS)
     call = chat_stub.SendMessage(
         pb.SendMessageRequest(content=f"{marker()} [mock:tokens=40 rate=20]"), metadata=user.md
     )
@@ -196,3 +202,27 @@ async def test_a_generating_message_listed_anywhere_resumes_exactly_from_its_seq
     await original_task
     assert rest.seqs[0] == partial.seq + 1
     assert partial.content + rest.text == original.final.content
+
+
+async def test_a_watcher_elsewhere_gets_the_text_before_it_is_stored(chat_stub, replica, user, db_conn):
+    """Between stored checkpoints a reply is announced every tick with everything since the last one,
+    so a watcher on another process follows it live while the database holds only its start."""
+    call = replica.SendMessage(
+        pb.SendMessageRequest(content=f"{marker()} [mock:tokens=80 rate=20]"), metadata=user.md
+    )
+    original = Collected()
+    await read_until(call, lambda ev: ev.WhichOneof("event") == "message_started", original)
+    original_task = asyncio.create_task(collect(call, original))
+    watch = chat_stub.WatchMessage(
+        pb.WatchMessageRequest(message_id=original.reply_id, after_seq=0), metadata=user.md
+    )
+    watched = Collected()
+    await read_until(watch, lambda ev: ev.seq >= 20, watched)
+    stored = await db_conn.fetchval(
+        "SELECT max(seq_last) FROM message_events WHERE message_id = $1", uuid.UUID(original.reply_id)
+    )
+    assert stored == 1  # only `start`: the rest came by NOTIFY
+    await collect(watch, watched)
+    await original_task
+    assert watched.seqs == list(range(1, original.seqs[-1] + 1))
+    assert watched.text == original.final.content

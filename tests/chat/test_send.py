@@ -248,6 +248,22 @@ async def test_database_writes_per_reply_do_not_grow_with_its_length(chat_stub, 
     assert stored == long.final.seq  # every event stored, once
 
 
+async def test_a_streamed_reply_is_stored_twice_whatever_its_length(chat_stub, user, db_conn):
+    """At a model's pace (50 tokens/s), replies shorter than DURABLE_SECONDS are written when they
+    start and when they finish, whether they have 25 or 150 tokens: the checkpoints in between only
+    announce (NOTIFY), they do not write."""
+    got = await asyncio.gather(
+        send(chat_stub, user, f"short {marker()} [mock:tokens=25 rate=50]"),
+        send(chat_stub, user, f"long {marker()} [mock:tokens=150 rate=50]"),
+    )
+    for reply in got:
+        rows = await db_conn.fetch(
+            "SELECT seq_first, seq_last FROM message_events WHERE message_id = $1 ORDER BY seq_first",
+            uuid.UUID(reply.reply_id),
+        )
+        assert [tuple(r) for r in rows] == [(1, 1), (2, reply.final.seq)]
+
+
 async def test_concurrent_replies_do_not_mix(chat_stub, user):
     words = [marker() for _ in range(4)]
     results = await asyncio.gather(*(send(chat_stub, user, f"{w} [mock:tokens=15 rate=100]") for w in words))

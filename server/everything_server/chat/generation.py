@@ -5,13 +5,20 @@ that asked for it: the RPC only relays events, so a client that goes away (or wh
 does not stop the generation, and the reply is saved all the same.
 
 While it runs, the task keeps every event in memory (`Generation`): followers on this replica (the
-SendMessage that started it, a WatchMessage here) read them token by token. A checkpointer stores
-the events that accumulated every CHECKPOINT_SECONDS in ONE transaction: one `message_events` row,
-one UPDATE of the message (text so far, seq, lease) and NOTIFY on the message's channel, which is
-how watchers on other replicas follow it (watch.py). Database writes per reply therefore grow with
-its duration, never with its number of tokens.
+SendMessage that started it, a WatchMessage here) read them token by token. ONE checkpointer per
+replica (`Checkpoints`) serves every reply generating there, with one statement per tick
+(`app_chat_checkpoint`, migration 0010):
+- every TICK_SECONDS, each reply with new events is announced by NOTIFY on its channel, with all its
+  events since its last stored checkpoint (so a watcher that read the stored state can always
+  continue from the next announcement): this is how watchers on other replicas follow it (watch.py);
+- every DURABLE_SECONDS, or sooner when the unstored events no longer fit in one notification, a
+  reply is stored: its text so far, seq and lease, and one `message_events` row for those events.
+A reply therefore costs two transactions of its own (created, finished) plus one stored checkpoint
+per DURABLE_SECONDS of generation, shared in one statement with the other replies of the replica:
+never a write per token. What a replica that dies (SIGKILL, power) loses is at most the last
+DURABLE_SECONDS of text of its replies; a shutdown saves everything.
 
-The lease: every checkpoint, and a heartbeat when the model is silent, pushes
+The lease: every stored checkpoint (a heartbeat when the model is silent) pushes
 `messages.lease_expires_at` LEASE into the future. A GENERATING message whose lease ran out has
 nobody generating it any more (its replica died): whoever looks at it (a watcher, a cancel, a list
 of the thread) marks it FAILED with what was saved (`fail_expired`). A replica that finds its
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server import errors
@@ -59,13 +67,13 @@ from everything_server.chat.events import (
 )
 from everything_server.chat.models import CANCELLED, COMPLETED, FAILED, GENERATING, Message
 from everything_server.db.database import Database
-from everything_server.db.pubsub import notify
+from everything_server.db.pubsub import MAX_PAYLOAD
 from everything_server.limits import Limits
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SECONDS = 0.2
-HEARTBEAT_SECONDS = 5.0
+TICK_SECONDS = 0.2
+DURABLE_SECONDS = 5.0
 LEASE = timedelta(seconds=20)
 TITLE_TIMEOUT_SECONDS = 15.0
 SAVE_TIMEOUT_SECONDS = 15.0
@@ -142,6 +150,50 @@ class Plan:
     title_input: str | None = None
 
 
+_END = object()
+
+
+class Upstream:
+    """The model's stream for one reply, read by a task of its own from the moment the plan is
+    known: the request goes out while the transaction that creates the reply is still writing and
+    committing, so those writes are not added to the time to the first token. The generation reads
+    the deltas (or the failure) in order; `close()` cancels the read, which closes the HTTP response,
+    so the model stops (a cancel, a shutdown, or a transaction that did not commit)."""
+
+    def __init__(self, ai: ChatProvider, plan: Plan):
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._task = asyncio.create_task(self._read(ai, plan), name="upstream")
+
+    async def _read(self, ai: ChatProvider, plan: Plan) -> None:
+        stream = ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
+        try:
+            # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
+            async with contextlib.aclosing(stream) as deltas:
+                async for d in deltas:
+                    self._items.put_nowait(d)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the reader, who raises it
+            self._items.put_nowait(exc)
+            return
+        self._items.put_nowait(_END)
+
+    async def deltas(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self._items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await _uncancellable(self._task, SAVE_TIMEOUT_SECONDS)
+
+
 class Generation:
     """A reply generating on this replica: its events in memory, for local followers."""
 
@@ -152,6 +204,8 @@ class Generation:
         self.started = started_view(started)
         self.events: list[Event] = [Event(1, START)]  # events[i].seq == i + 1
         self.stored = 1  # events[:stored] are in the database (the first came with the row)
+        self.announced = 1  # events[:announced] were sent by NOTIFY
+        self.stored_at = 0.0  # loop time of the last stored checkpoint (set when registered)
         self.parts: list[str] = []
         self.usage: Usage | None = None
         self.final: Message | None = None
@@ -217,6 +271,101 @@ async def _uncancellable(aw: Awaitable[Any], timeout: float) -> Any:  # noqa: AS
     return task.result()
 
 
+_CHECKPOINT = text(
+    "SELECT app_chat_checkpoint(:ids, :users, :contents, :seqs, :firsts, :datas, :lease, "
+    ":notify_ids, :channels, :payloads) AS lost"
+)
+
+
+class Checkpoints:
+    """The replica's one checkpoint writer (see the module's docstring): a task that runs while
+    some reply generates here, one statement per tick for all of them."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        self._gens: dict[uuid.UUID, Generation] = {}
+        self._task: asyncio.Task | None = None
+        self._flushing: asyncio.Task | None = None
+
+    def add(self, gen: Generation) -> None:
+        gen.stored_at = asyncio.get_running_loop().time()
+        self._gens[gen.message_id] = gen
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="chat-checkpoints")
+
+    async def remove(self, gen: Generation) -> None:
+        """No more checkpoints for `gen`, once the one in flight (if any) has settled: after this,
+        `gen.stored` is final and the reply's own last save can store the rest."""
+        self._gens.pop(gen.message_id, None)
+        flushing = self._flushing
+        if flushing is not None and not flushing.done():
+            with contextlib.suppress(Exception):
+                await _uncancellable(asyncio.shield(flushing), SAVE_TIMEOUT_SECONDS)
+
+    def discard(self, gen: Generation) -> None:
+        self._gens.pop(gen.message_id, None)
+
+    async def _run(self) -> None:
+        while self._gens:
+            await asyncio.sleep(TICK_SECONDS)
+            self._flushing = asyncio.create_task(self.flush())
+            await asyncio.shield(self._flushing)
+
+    async def flush(self) -> None:
+        """One tick: announce what is new, store what is due. Errors are logged and retried at the
+        next tick (nothing is marked done); the reply's final save or its lease settles the rest."""
+        now = asyncio.get_running_loop().time()
+        stored: list[tuple[Generation, int]] = []
+        announced: list[tuple[Generation, int]] = []
+        cols: dict[str, list[Any]] = {k: [] for k in ("ids", "users", "contents", "seqs", "firsts", "datas")}
+        notes: dict[str, list[Any]] = {k: [] for k in ("notify_ids", "channels", "payloads")}
+        for gen in list(self._gens.values()):
+            upto = len(gen.events)
+            due = now - gen.stored_at >= DURABLE_SECONDS
+            if upto == gen.announced and not due:
+                continue
+            window = gen.events[gen.stored : upto]
+            data = encode_batch(window) if window else None
+            payloads = [data] if data is not None else []
+            if data is not None and len(data) > MAX_PAYLOAD:  # stored now, announced in pieces
+                due, payloads = True, notifications(window)
+            for payload in payloads:
+                notes["notify_ids"].append(gen.message_id)
+                notes["channels"].append(channel(gen.message_id))
+                notes["payloads"].append(payload)
+            if not due:
+                announced.append((gen, upto))
+                continue
+            stored.append((gen, upto))
+            cols["ids"].append(gen.message_id)
+            cols["users"].append(gen.user_id)
+            cols["contents"].append(gen.content if window else None)  # taken with `window`
+            cols["seqs"].append(window[-1].seq if window else None)
+            cols["firsts"].append(window[0].seq if window else None)
+            cols["datas"].append(data)
+        if not stored and not announced:
+            return
+        try:
+            async with self._db.autocommit() as conn:
+                result = await conn.execute(_CHECKPOINT, {**cols, **notes, "lease": LEASE.total_seconds()})
+                lost = {row.lost for row in result}
+        except Exception as exc:  # the database is away: everything is tried again next tick
+            log.warning(
+                "checkpoint failed", extra={"replies": len(stored) + len(announced), "error": repr(exc)}
+            )
+            return
+        for gen, upto in announced:
+            gen.announced = max(gen.announced, upto)
+        for gen, upto in stored:
+            if gen.message_id in lost:
+                gen.lost = True
+                if gen.task is not None:
+                    gen.task.cancel()
+                continue
+            gen.stored = gen.announced = max(gen.stored, upto)
+            gen.stored_at = now
+
+
 class Generator:
     """Runs generations on this replica and stores their events."""
 
@@ -226,6 +375,7 @@ class Generator:
         self._background = background
         self._limits = limits
         self._live: dict[uuid.UUID, Generation] = {}
+        self.checkpoints = Checkpoints(db)
 
     def local(self, message_id: uuid.UUID) -> Generation | None:
         return self._live.get(message_id)
@@ -241,7 +391,8 @@ class Generator:
     # -- storing events ----------------------------------------------------------------------------
 
     async def store(self, s: AsyncSession, user_id: uuid.UUID, message_id: uuid.UUID, events: list[Event]):
-        """One `message_events` row for consecutive events, and their NOTIFY (sent at commit)."""
+        """One `message_events` row for consecutive events, and their NOTIFY (sent at commit): one
+        statement."""
         await repo.insert_events(
             s,
             message_id=message_id,
@@ -249,9 +400,9 @@ class Generator:
             seq_first=events[0].seq,
             seq_last=events[-1].seq,
             data=encode_batch(events),
+            channel=channel(message_id),
+            payloads=notifications(events),
         )
-        for payload in notifications(events):
-            await notify(s, channel(message_id), payload)
 
     async def fail_expired(
         self,
@@ -276,16 +427,18 @@ class Generator:
 
     # -- running -----------------------------------------------------------------------------------
 
-    async def run(self, gen: Generation, plan: Plan) -> None:
+    async def run(self, gen: Generation, plan: Plan, upstream: Upstream) -> None:
         """The body of the detached task, once the reply's row exists (status GENERATING, seq 1) and
-        `gen` is registered."""
-        stop = asyncio.Event()
-        checkpointer = asyncio.create_task(self._checkpoints(gen, stop), name=f"checkpoints:{gen.message_id}")
+        `gen` is registered; `upstream` was started with the plan."""
+        self.checkpoints.add(gen)
         status: str | None = COMPLETED
         error: errors.DomainError | None = None
         try:
             try:
-                usage = await self._stream(gen, plan)
+                try:
+                    usage = await self._stream(gen, upstream)
+                finally:
+                    await upstream.close()
                 gen.emit(USAGE, usage=usage or self._estimate(gen, plan))
                 if plan.title_input is not None:
                     await self._title(gen, plan)
@@ -309,31 +462,28 @@ class Generator:
             except Exception:
                 log.exception("generation failed", extra={"message_id": str(gen.message_id)})
                 status, error = FAILED, None
-            stop.set()
-            with contextlib.suppress(Exception):
-                await _uncancellable(checkpointer, SAVE_TIMEOUT_SECONDS)
+            await self.checkpoints.remove(gen)
             if status is None or gen.lost:
                 await self._finish_lost(gen)
             else:
                 await self._finish(gen, plan, status, error)
         finally:
             self._live.pop(gen.message_id, None)
-            if not checkpointer.done():
-                checkpointer.cancel()
+            self.checkpoints.discard(gen)
             if gen.final is None:  # never leave a local follower waiting
                 gen.final = snapshot(gen.started, status=FAILED, content=gen.content)
                 gen.append(Event(gen.next_seq, DONE, status=FAILED, error=error_to_json(None)))
 
-    async def _stream(self, gen: Generation, plan: Plan) -> Usage | None:
+    def start(self, plan: Plan) -> Upstream:
+        return Upstream(self._ai, plan)
+
+    async def _stream(self, gen: Generation, upstream: Upstream) -> Usage | None:
         usage = None
-        stream = self._ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
-        # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
-        async with contextlib.aclosing(stream) as deltas:
-            async for d in deltas:
-                if d.text:
-                    gen.emit(DELTA, text=d.text)
-                if d.usage is not None:
-                    usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False)
+        async for d in upstream.deltas():
+            if d.text:
+                gen.emit(DELTA, text=d.text)
+            if d.usage is not None:
+                usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False)
         return usage
 
     def _estimate(self, gen: Generation, plan: Plan) -> Usage:
@@ -363,42 +513,6 @@ class Generator:
             return
         if saved:
             gen.emit(TITLE, text=title)
-
-    async def _checkpoints(self, gen: Generation, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        last_write = loop.time()
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CHECKPOINT_SECONDS):
-                    await stop.wait()
-            if stop.is_set():
-                return
-            pending = gen.events[gen.stored :]
-            if not pending and loop.time() - last_write < HEARTBEAT_SECONDS:
-                continue
-            content = gen.content  # taken with `pending`: the text of exactly those events
-            try:
-                async with self._db.transaction(gen.user_id) as s:
-                    if pending:
-                        alive = await repo.checkpoint(
-                            s, message_id=gen.message_id, content=content, seq=pending[-1].seq, lease=LEASE
-                        )
-                        if alive:
-                            await self.store(s, gen.user_id, gen.message_id, pending)
-                    else:
-                        alive = await repo.heartbeat(s, message_id=gen.message_id, lease=LEASE)
-            except Exception as exc:  # the database is away: retry; the final save or the lease settles it
-                log.warning(
-                    "checkpoint failed", extra={"message_id": str(gen.message_id), "error": repr(exc)}
-                )
-                continue
-            if not alive:
-                gen.lost = True
-                if gen.task is not None:
-                    gen.task.cancel()
-                return
-            gen.stored += len(pending)
-            last_write = loop.time()
 
     async def _finish(
         self, gen: Generation, plan: Plan, status: str, error: errors.DomainError | None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, or_, select, text, tuple_, update
+from sqlalchemy import delete, exists, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -89,10 +89,6 @@ async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid
 # -- messages ------------------------------------------------------------------------------------
 
 
-async def next_position(db: AsyncSession) -> int:
-    return (await db.execute(text("SELECT nextval('messages_position_seq')"))).scalar_one()
-
-
 async def insert_user_message(
     db: AsyncSession,
     *,
@@ -101,18 +97,24 @@ async def insert_user_message(
     content: str,
     client_message_id: uuid.UUID | None,
 ) -> Message | None:
-    """None when `client_message_id` was taken meanwhile (by a concurrent retry of the same send)."""
-    position = await next_position(db)
-    stmt = insert(Message).values(
-        id=uuid.uuid4(),
-        thread_id=thread_id,
-        user_id=user_id,
-        role=ROLE_USER,
-        content=content,
-        status=COMPLETED,
-        position=position,
-        turn=position,
-        client_message_id=client_message_id,
+    """None when `client_message_id` was taken meanwhile (by a concurrent retry of the same send).
+    Its turn is its position, drawn from the sequence in the same statement."""
+    drawn = select(func.nextval("messages_position_seq").label("v")).subquery()
+    values = {
+        "id": uuid.uuid4(),
+        "thread_id": thread_id,
+        "user_id": user_id,
+        "role": ROLE_USER,
+        "content": content,
+        "status": COMPLETED,
+        "client_message_id": client_message_id,
+    }
+    columns = [Message.__table__.c[k] for k in values]
+    stmt = insert(Message).from_select(
+        [*values, "position", "turn"],
+        select(
+            *(literal(v, c.type) for v, c in zip(values.values(), columns, strict=True)), drawn.c.v, drawn.c.v
+        ),
     )
     if client_message_id is not None:
         stmt = stmt.on_conflict_do_nothing(
@@ -226,23 +228,20 @@ async def list_messages(
 
 
 async def history(
-    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, before_turn: int, limit: int
+    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, before_turn: int | None, limit: int
 ) -> list[tuple[str, str]]:
-    """(role, content) of the active branch before `before_turn`, NEWEST first; replies that failed,
-    are still generating or are empty are left out."""
-    stmt = (
-        select(Message.role, Message.content)
-        .where(
-            Message.thread_id == thread_id,
-            Message.user_id == user_id,
-            Message.turn < before_turn,
-            Message.status.in_((COMPLETED, CANCELLED)),
-            Message.content != "",
-            _active_branch(Message),
-        )
-        .order_by(Message.turn.desc(), Message.position.desc())
-        .limit(limit)
+    """(role, content) of the active branch before `before_turn` (None: all of it), NEWEST first;
+    replies that failed, are still generating or are empty are left out."""
+    stmt = select(Message.role, Message.content).where(
+        Message.thread_id == thread_id,
+        Message.user_id == user_id,
+        Message.status.in_((COMPLETED, CANCELLED)),
+        Message.content != "",
+        _active_branch(Message),
     )
+    if before_turn is not None:
+        stmt = stmt.where(Message.turn < before_turn)
+    stmt = stmt.order_by(Message.turn.desc(), Message.position.desc()).limit(limit)
     return [(r.role, r.content) for r in await db.execute(stmt)]
 
 
@@ -264,30 +263,6 @@ async def set_feedback(
 
 
 # -- generations -----------------------------------------------------------------------------------
-
-
-async def checkpoint(
-    db: AsyncSession, *, message_id: uuid.UUID, content: str, seq: int, lease: timedelta
-) -> bool:
-    """Store the text so far and push the lease; False when the message is no longer generating
-    (finished elsewhere after its lease ran out, or deleted)."""
-    stmt = (
-        update(Message)
-        .where(Message.id == message_id, Message.status == GENERATING)
-        .values(content=content, seq=seq, lease_expires_at=func.now() + lease)
-        .returning(Message.id)
-    )
-    return (await db.execute(stmt)).first() is not None
-
-
-async def heartbeat(db: AsyncSession, *, message_id: uuid.UUID, lease: timedelta) -> bool:
-    stmt = (
-        update(Message)
-        .where(Message.id == message_id, Message.status == GENERATING)
-        .values(lease_expires_at=func.now() + lease)
-        .returning(Message.id)
-    )
-    return (await db.execute(stmt)).first() is not None
 
 
 async def finish(
@@ -353,13 +328,43 @@ async def fail_expired(
     return list((await db.execute(stmt)).scalars())
 
 
+_INSERT_EVENTS = text(
+    """
+    WITH stored AS (
+      INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
+      VALUES (:message_id, :seq_first, :seq_last, :user_id, :data)
+    )
+    SELECT pg_notify(:channel, n.payload)
+      FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS n(payload, i)
+     ORDER BY n.i
+    """
+)
+
+
 async def insert_events(
-    db: AsyncSession, *, message_id: uuid.UUID, user_id: uuid.UUID, seq_first: int, seq_last: int, data: str
+    db: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    user_id: uuid.UUID,
+    seq_first: int,
+    seq_last: int,
+    data: str,
+    channel: str,
+    payloads: list[str],
 ) -> None:
+    """One stored batch of events and, in the same statement, its NOTIFY payloads in order
+    (delivered when the transaction commits)."""
     await db.execute(
-        insert(MessageEvents).values(
-            message_id=message_id, user_id=user_id, seq_first=seq_first, seq_last=seq_last, data=data
-        )
+        _INSERT_EVENTS,
+        {
+            "message_id": message_id,
+            "seq_first": seq_first,
+            "seq_last": seq_last,
+            "user_id": user_id,
+            "data": data,
+            "channel": channel,
+            "payloads": payloads,
+        },
     )
 
 

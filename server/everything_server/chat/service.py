@@ -22,7 +22,15 @@ from everything_server.ai.provider import ChatMessage, ChatProvider
 from everything_server.background import Background
 from everything_server.chat import repository as repo
 from everything_server.chat.events import DONE, START, TITLE, Event, Usage, error_from_json
-from everything_server.chat.generation import LEASE, QUOTA_KIND, Generation, Generator, Plan, task_key
+from everything_server.chat.generation import (
+    LEASE,
+    QUOTA_KIND,
+    Generation,
+    Generator,
+    Plan,
+    Upstream,
+    task_key,
+)
 from everything_server.chat.models import GENERATING, ROLE_ASSISTANT, ROLE_USER, Message, Thread
 from everything_server.chat.watch import Watcher
 from everything_server.config import Settings
@@ -60,6 +68,7 @@ class _Started:
     user_message: Message
     reply: Message
     plan: Plan | None = None  # None: an idempotent retry of a send that exists already
+    upstream: Upstream | None = None  # the model's stream, started with the plan
     generation: Generation | None = None
 
 
@@ -71,6 +80,12 @@ def _swallow(fut: asyncio.Future) -> None:
     # The RPC that waited for it may be gone; the outcome is saved or logged elsewhere.
     if not fut.cancelled():
         fut.exception()
+
+
+async def _close_all(upstreams: list[Upstream]) -> None:
+    """Close model streams started for rows that were not created after all."""
+    while upstreams:
+        await upstreams.pop().close()
 
 
 def _position_token(turn: int, position: int) -> str:
@@ -202,14 +217,15 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare() -> _Started:
+        async def prepare(started: list[Upstream]) -> _Started:
             for attempt in range(2):
                 try:
                     async with self._db.transaction(p.user_id, p.session_id) as s:
                         return await self._prepare_send(
-                            s, p, reply_id, thread_id, content, client_message_id, model
+                            s, p, reply_id, thread_id, content, client_message_id, model, started
                         )
                 except _ClientIdTaken:
+                    await _close_all(started)
                     if attempt:
                         raise errors.Aborted("a concurrent send used the same client_message_id") from None
             raise AssertionError("unreachable")
@@ -233,9 +249,9 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare() -> _Started:
+        async def prepare(started: list[Upstream]) -> _Started:
             async with self._db.transaction(p.user_id, p.session_id) as s:
-                return await self._prepare_regenerate(s, p, reply_id, message_id, model)
+                return await self._prepare_regenerate(s, p, reply_id, message_id, model, started)
 
         self._gen.spawn(reply_id, self._detached(prepare, setup))
         started = await asyncio.shield(setup)
@@ -309,24 +325,30 @@ class ChatService:
     # -- pieces ------------------------------------------------------------------------------------------
 
     async def _detached(self, prepare, setup: asyncio.Future) -> None:
-        """The detached task: create the rows (answering the RPC through `setup`), then generate."""
+        """The detached task: create the rows (answering the RPC through `setup`), then generate.
+        The model's stream starts inside `prepare`, as soon as the plan is known; when the rows are
+        not created after all, it is closed."""
+        upstreams: list[Upstream] = []
         try:
-            started = await prepare()
+            started = await prepare(upstreams)
         except asyncio.CancelledError:
+            await _close_all(upstreams)
             if not setup.done():
                 setup.set_exception(errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
             return
         except Exception as exc:  # domain errors for the caller; anything else is logged by the RPC
+            await _close_all(upstreams)
             if not setup.done():
                 setup.set_exception(exc)
             return
-        if started.plan is None:
+        if started.plan is None or started.upstream is None:
+            await _close_all(upstreams)
             setup.set_result(started)
             return
         gen = Generation(started.reply)
         self._gen.register(gen)
         setup.set_result(replace(started, generation=gen))
-        await self._gen.run(gen, started.plan)
+        await self._gen.run(gen, started.plan, started.upstream)
 
     async def _prepare_send(
         self,
@@ -337,7 +359,10 @@ class ChatService:
         content: str,
         client_message_id: uuid.UUID | None,
         model: str,
+        upstreams: list[Upstream],
     ) -> _Started:
+        """Reads first (thread, quota, preferences, history), then the model's stream starts, then
+        the writes: the transaction's writes and COMMIT overlap the model's time to first token."""
         if client_message_id is not None:
             existing = await repo.user_message_by_client_id(s, p.user_id, client_message_id)
             if existing is not None:
@@ -347,16 +372,24 @@ class ChatService:
             if thread is None:
                 raise errors.NotFound("thread", str(thread_id))
             await self._gen.fail_expired(s, p.user_id, thread_id=thread_id)
+            past = await repo.history(
+                s, user_id=p.user_id, thread_id=thread.id, before_turn=None, limit=HISTORY_MAX_ROWS
+            )
         else:
             thread = await repo.insert_thread(s, user_id=p.user_id, title="")
+            past = []
+        first_turn = not any(role == ROLE_USER for role, _ in past)
+        plan = await self._plan(s, p, thread, content, past, first_turn, model)
+        upstreams.append(self._gen.start(plan))
         user_message = await repo.insert_user_message(
             s, user_id=p.user_id, thread_id=thread.id, content=content, client_message_id=client_message_id
         )
         if user_message is None:
             raise _ClientIdTaken
-        reply, plan = await self._start_reply(s, p, thread, user_message, reply_id, model)
-        thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
-        return _Started(thread, user_message, reply, plan)
+        reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
+        if thread_id is not None:  # a new thread was created in this transaction: it is fresh
+            thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
+        return _Started(thread, user_message, reply, plan, upstreams[-1])
 
     async def _existing(
         self, s, p: Principal, user_message: Message, thread_id: uuid.UUID | None, content: str
@@ -375,7 +408,13 @@ class ChatService:
         return _Started(thread, user_message, reply)
 
     async def _prepare_regenerate(
-        self, s, p: Principal, reply_id: uuid.UUID, message_id: uuid.UUID, model: str
+        self,
+        s,
+        p: Principal,
+        reply_id: uuid.UUID,
+        message_id: uuid.UUID,
+        model: str,
+        upstreams: list[Upstream],
     ) -> _Started:
         row = await repo.get_message(s, p.user_id, message_id)
         if row is None:
@@ -395,35 +434,46 @@ class ChatService:
                 "a reply to this message is still being generated; cancel it first",
                 reason="FAILED_PRECONDITION",
             )
-        reply, plan = await self._start_reply(s, p, thread, user_message, reply_id, model)
+        past = await repo.history(
+            s, user_id=p.user_id, thread_id=thread.id, before_turn=user_message.turn, limit=HISTORY_MAX_ROWS
+        )
+        first_turn = await repo.is_first_turn(s, thread.id, user_message.turn)
+        plan = await self._plan(s, p, thread, user_message.content, past, first_turn, model)
+        upstreams.append(self._gen.start(plan))
+        reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
         thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
-        return _Started(thread, user_message, reply, plan)
+        return _Started(thread, user_message, reply, plan, upstreams[-1])
 
-    async def _start_reply(
-        self, s, p: Principal, thread: Thread, user_message: Message, reply_id: uuid.UUID, model: str
-    ) -> tuple[Message, Plan]:
-        """The assistant row (GENERATING, with its first event) and what the model will get."""
+    async def _plan(
+        self,
+        s,
+        p: Principal,
+        thread: Thread,
+        user_text: str,
+        past: list[tuple[str, str]],
+        first_turn: bool,
+        model: str,
+    ) -> Plan:
+        """What the model gets for a reply to `user_text`, after `past` (newest first)."""
         if self._limits is not None:  # over the daily quota: refused, and the transaction rolls back
             await self._limits.check(s, p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens)
         prefs = await effective.load(s, p.user_id, self._settings)
         model = model or prefs.chat_model
-        past = await repo.history(
-            s, user_id=p.user_id, thread_id=thread.id, before_turn=user_message.turn, limit=HISTORY_MAX_ROWS
-        )
-        messages = build_prompt(
-            prefs.system_prompt, past, user_message.content, self._settings.history_budget_chars
-        )
-        wants_title = thread.title == "" and await repo.is_first_turn(s, thread.id, user_message.turn)
-        reply = await repo.insert_reply(s, message_id=reply_id, parent=user_message, model=model, lease=LEASE)
-        await self._gen.store(s, p.user_id, reply.id, [Event(1, START)])
-        plan = Plan(
+        return Plan(
             model=model,
-            messages=messages,
+            messages=build_prompt(prefs.system_prompt, past, user_text, self._settings.history_budget_chars),
             temperature=prefs.temperature,
             title_model=self._settings.title_model or model,
-            title_input=user_message.content if wants_title else None,
+            title_input=user_text if thread.title == "" and first_turn else None,
         )
-        return reply, plan
+
+    async def _insert_reply(
+        self, s, p: Principal, user_message: Message, reply_id: uuid.UUID, model: str
+    ) -> Message:
+        """The assistant row, GENERATING, with its first event."""
+        reply = await repo.insert_reply(s, message_id=reply_id, parent=user_message, model=model, lease=LEASE)
+        await self._gen.store(s, p.user_id, reply.id, [Event(1, START)])
+        return reply
 
     async def _relay(
         self, p: Principal, reply: Message, gen: Generation | None, after_seq: int, *, raise_failure: bool
