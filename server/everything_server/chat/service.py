@@ -371,7 +371,6 @@ class ChatService:
             thread = await repo.get_thread(s, p.user_id, thread_id)
             if thread is None:
                 raise errors.NotFound("thread", str(thread_id))
-            await self._gen.fail_expired(s, p.user_id, thread_id=thread_id)
             past = await repo.history(
                 s, user_id=p.user_id, thread_id=thread.id, before_turn=None, limit=HISTORY_MAX_ROWS
             )
