@@ -60,6 +60,27 @@ class Collected:
         return self.of("user_message_saved")[0]
 
 
+def assert_seqs(events, first: int = 1, last: int | None = None) -> None:
+    """The streams' contract: seqs grow by one per event, except that a text_delta may stand for
+    several deltas that were ready together (coalesced) and then carries the seq of the last."""
+    expected = first
+    for ev in events:
+        kind = ev.WhichOneof("event")
+        if kind == "text_delta":
+            assert ev.seq >= expected, (kind, ev.seq, expected)
+        else:
+            assert ev.seq == expected, (kind, ev.seq, expected)
+        expected = ev.seq + 1
+    if last is not None:
+        assert expected - 1 == last, (expected - 1, last)
+
+
+def text_after(got: Collected, seq: int) -> str:
+    """The text a stream delivered in events after `seq` (`seq` must be a seq it delivered)."""
+    assert seq in got.seqs
+    return "".join(ev.text_delta.text for ev in got.events if ev.seq > seq and ev.HasField("text_delta"))
+
+
 async def collect(call, into: Collected | None = None) -> Collected:
     """Read a stream to its end (errors propagate; `into` keeps what came before them)."""
     out = into if into is not None else Collected()

@@ -11,7 +11,7 @@ from google.protobuf import field_mask_pb2
 from everything.auth.v1 import auth_service_pb2 as auth_pb
 from everything.chat.v1 import chat_pb2
 from everything.chat.v1 import chat_service_pb2 as pb
-from tests.chat.helpers import COMPLETED, collect, marker, send
+from tests.chat.helpers import COMPLETED, assert_seqs, collect, marker, send
 from tests.support import expect_error
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -113,7 +113,7 @@ async def test_regenerate_adds_a_sibling_and_the_active_branch_shows_the_newest(
     )
     assert regenerated.kinds[0] == "message_started"
     assert regenerated.kinds[-1] == "message_completed"
-    assert regenerated.seqs == list(range(1, len(regenerated.events) + 1))
+    assert_seqs(regenerated.events, first=1, last=regenerated.final.seq)
     new = regenerated.final
     assert new.id != first.reply_id and new.status == COMPLETED
     assert new.parent_message_id == first.user_saved.message.id

@@ -51,6 +51,30 @@ class Event:
     error: dict[str, Any] | None = None  # DONE: the failure, for the streams that raise it (error_to_json)
 
 
+def coalesce(events: list[Event]) -> list[Event]:
+    """Consecutive text deltas as one (the seq of the last): what a stream sends when several events
+    are ready at once, because its client, or the server, is slower than the model. One gRPC message
+    instead of one per token, and the client resumes from that seq all the same."""
+    out: list[Event] = []
+    run: list[Event] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(Event(run[-1].seq, DELTA, text="".join(e.text for e in run)))
+        run.clear()
+
+    for ev in events:
+        if ev.kind == DELTA:
+            run.append(ev)
+        else:
+            flush()
+            out.append(ev)
+    flush()
+    return out
+
+
 def _encode_one(ev: Event) -> Any:
     if ev.kind == DELTA:
         return ev.text

@@ -61,6 +61,7 @@ from everything_server.chat.events import (
     USAGE,
     Event,
     Usage,
+    coalesce,
     encode_batch,
     error_to_json,
     notifications,
@@ -235,18 +236,19 @@ class Generation:
         return ev
 
     async def follow(self, after_seq: int) -> AsyncIterator[Event]:
-        """Events with seq > after_seq, then live ones, until `done` (always delivered)."""
+        """Events with seq > after_seq, then live ones, until `done` (always delivered). Deltas that
+        are ready together come as one (`coalesce`)."""
         i = max(0, min(after_seq, len(self.events) - 1))
         while True:
-            while i < len(self.events):
-                ev = self.events[i]
-                i += 1
+            if i == len(self.events):
+                await self._changed.wait()
+                continue
+            ready = self.events[i:]
+            i += len(ready)
+            for ev in coalesce([ev for ev in ready if ev.seq > after_seq or ev.kind == DONE]):
+                yield ev
                 if ev.kind == DONE:
-                    yield ev
                     return
-                if ev.seq > after_seq:
-                    yield ev
-            await self._changed.wait()
 
 
 async def _uncancellable(aw: Awaitable[Any], timeout: float) -> Any:  # noqa: ASYNC109

@@ -18,7 +18,15 @@ from datetime import UTC, datetime
 
 from everything_server import errors
 from everything_server.chat import repository as repo
-from everything_server.chat.events import DONE, START, Event, Poke, decode_batch, decode_notification
+from everything_server.chat.events import (
+    DONE,
+    START,
+    Event,
+    Poke,
+    coalesce,
+    decode_batch,
+    decode_notification,
+)
 from everything_server.chat.generation import Generator, channel, started_view
 from everything_server.chat.models import GENERATING, Message
 from everything_server.db.database import Database
@@ -70,14 +78,13 @@ class Watcher:
             while True:
                 row, batches = await self._read(p, message_id, last)
                 for data in batches:
-                    for ev in decode_batch(data):
+                    for ev in coalesce([ev for ev in decode_batch(data) if ev.seq > last or ev.kind == DONE]):
                         if ev.kind == DONE:
                             final = row if row.status != GENERATING else await self._final(p, message_id)
                             yield ev, final
                             return
-                        if ev.seq > last:
-                            yield ev, started_view(row) if ev.kind == START else None
-                            last = ev.seq
+                        yield ev, started_view(row) if ev.kind == START else None
+                        last = ev.seq
                 if row.status != GENERATING:
                     # Finished, and its `done` is at or before after_seq: the stream still ends with it.
                     yield Event(row.seq, DONE, status=row.status, error_reason=row.error_reason), row
@@ -97,13 +104,12 @@ class Watcher:
                         continue
                     if not decoded or decoded[0].seq > last + 1:  # a gap: something was missed
                         break
-                    for ev in decoded:
+                    for ev in coalesce([ev for ev in decoded if ev.seq > last or ev.kind == DONE]):
                         if ev.kind == DONE:
                             yield ev, await self._final(p, message_id)
                             return
-                        if ev.seq > last:
-                            yield ev, started_view(row) if ev.kind == START else None
-                            last = ev.seq
+                        yield ev, started_view(row) if ev.kind == START else None
+                        last = ev.seq
         finally:
             unhook()
             await self._pubsub.unsubscribe(name, on_notify)

@@ -750,7 +750,10 @@ export const SubmitFeedbackResponseSchema: GenMessage<SubmitFeedbackResponse> = 
  * ChatService is AI chat: threads of messages whose assistant replies are streamed.
  *
  * Streams: every event of a reply carries the assistant `message_id` and a `seq` that grows
- * by one per event. A client that lost a stream calls WatchMessage with the last seq it saw.
+ * by one per event. When a client (or the server) is slower than the model, text deltas that are
+ * ready together arrive as one `text_delta` carrying the seq of the last of them, so seqs may
+ * skip between two text deltas. A client that lost a stream calls WatchMessage with the last seq
+ * it saw.
  * Closing a stream does not stop the generation; CancelGeneration does.
  *
  * @generated from service everything.chat.v1.ChatService
