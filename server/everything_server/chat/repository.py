@@ -200,12 +200,15 @@ async def is_first_turn(db: AsyncSession, thread_id: uuid.UUID, turn: int) -> bo
     return not (await db.execute(stmt)).scalar()
 
 
+# Built once: aliasing a mapped class costs about a millisecond, on the path of every reply.
+_NEWER = aliased(Message, name="newer")
+
+
 def _active_branch(m):
     """Users' messages, and for each of them only its newest reply."""
-    newer = aliased(Message)
     return or_(
         m.role == ROLE_USER,
-        ~exists().where(newer.parent_message_id == m.parent_message_id, newer.position > m.position),
+        ~exists().where(_NEWER.parent_message_id == m.parent_message_id, _NEWER.position > m.position),
     )
 
 
