@@ -41,7 +41,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -151,42 +151,37 @@ class Plan:
     title_input: str | None = None
 
 
-_END = object()
-
-
 class Upstream:
     """The model's stream for one reply, read by a task of its own from the moment the plan is
     known: the request goes out while the transaction that creates the reply is still writing and
-    committing, so those writes are not added to the time to the first token. The generation reads
-    the deltas (or the failure) in order; `close()` cancels the read, which closes the HTTP response,
-    so the model stops (a cancel, a shutdown, or a transaction that did not commit)."""
+    committing, so those writes are not added to the time to the first token. Deltas that arrive
+    before the generation is ready wait in a list; after that, the reading task hands each one to
+    the generation directly (`run`). `close()` cancels the read, which closes the HTTP response, so
+    the model stops (a cancel, a shutdown, or a transaction that did not commit)."""
 
     def __init__(self, ai: ChatProvider, plan: Plan):
-        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._sink: Callable[[Any], None] | None = None
+        self._early: list[Any] = []
         self._task = asyncio.create_task(self._read(ai, plan), name="upstream")
 
     async def _read(self, ai: ChatProvider, plan: Plan) -> None:
         stream = ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
-        try:
-            # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
-            async with contextlib.aclosing(stream) as deltas:
-                async for d in deltas:
-                    self._items.put_nowait(d)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # handed to the reader, who raises it
-            self._items.put_nowait(exc)
-            return
-        self._items.put_nowait(_END)
+        # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
+        async with contextlib.aclosing(stream) as deltas:
+            async for d in deltas:
+                if self._sink is not None:
+                    self._sink(d)
+                else:
+                    self._early.append(d)
 
-    async def deltas(self) -> AsyncIterator[Any]:
-        while True:
-            item = await self._items.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    async def run(self, sink: Callable[[Any], None]) -> None:
+        """Every delta to `sink`, until the stream ends (or its failure is raised here). Cancelling
+        the caller cancels the read."""
+        for d in self._early:
+            sink(d)
+        self._early.clear()
+        self._sink = sink
+        await self._task
 
     async def close(self) -> None:
         if not self._task.done():
@@ -480,13 +475,16 @@ class Generator:
         return Upstream(self._ai, plan)
 
     async def _stream(self, gen: Generation, upstream: Upstream) -> Usage | None:
-        usage = None
-        async for d in upstream.deltas():
+        usage: list[Usage] = []
+
+        def sink(d: Any) -> None:
             if d.text:
                 gen.emit(DELTA, text=d.text)
             if d.usage is not None:
-                usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False)
-        return usage
+                usage.append(Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False))
+
+        await upstream.run(sink)
+        return usage[-1] if usage else None
 
     def _estimate(self, gen: Generation, plan: Plan) -> Usage:
         prompt = sum(estimate_tokens(m.content) + 3 for m in plan.messages)
