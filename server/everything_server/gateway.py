@@ -9,7 +9,11 @@ There is one Envoy config, deploy/envoy/envoy.yaml (what compose and k8s run). T
 and replaces only the parts that differ between machines: the listen address and port, the upstream
 endpoints, the admin address and port, the path of the FileDescriptorSet the JSON transcoder needs,
 and (optionally) the allowed CORS origins. Everything else (filters, timeouts, limits, health checks)
-is read from that file, so a local gateway behaves like the deployed one.
+is read from that file, so a local gateway behaves like the deployed one. That includes how Envoy
+treats an overloaded replica (tolerant health checks, outlier detection for hard failures only, panic
+threshold, safe retries; RESOURCE_EXHAUSTED passes through and never ejects a replica): the reasons
+are commented in the file, and `cluster_stats` reads what Envoy did (retries, ejections, failed
+health checks) for tests and the benchmark.
 
 The FileDescriptorSet is built from the generated Python modules (clients/python/everything, which
 CI keeps identical to proto/) plus google.rpc's status and error details, whose descriptors Envoy
@@ -25,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -235,6 +240,25 @@ def upstream_health(admin_url: str, timeout: float = 2.0) -> dict[str, str]:
     """{'host:port': health flags} of the `everything` cluster, from Envoy's admin /clusters."""
     with urllib.request.urlopen(f"{admin_url}/clusters", timeout=timeout) as resp:  # noqa: S310 - loopback admin
         return parse_cluster_health(resp.read().decode())
+
+
+def cluster_stats(admin_url: str, timeout: float = 2.0) -> dict[str, int]:
+    """Envoy's counters and gauges of the `everything` cluster, without the `cluster.everything.`
+    prefix: e.g. `upstream_rq_retry`, `outlier_detection.ejections_enforced_total`,
+    `health_check.failure`, `upstream_cx_none_healthy`."""
+    pattern = urllib.parse.quote(f"^cluster\\.{CLUSTER}\\.")
+    url = f"{admin_url}/stats?filter={pattern}"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin
+        return parse_stats(resp.read().decode())
+
+
+def parse_stats(text: str, prefix: str = f"cluster.{CLUSTER}.") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep and name.startswith(prefix) and value.strip().lstrip("-").isdigit():
+            out[name[len(prefix) :]] = int(value)
+    return out
 
 
 def parse_cluster_health(text: str) -> dict[str, str]:
