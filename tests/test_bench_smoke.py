@@ -1,6 +1,7 @@
 """The benchmark harness (tests/bench, `make bench`) in its tiny mode: one stream of a few tokens,
-direct and everything over gRPC only. It checks the harness works and its JSON holds sane figures,
-not the figures themselves (those are for `make bench`)."""
+direct and everything over gRPC only, a concurrency run of 8 streams open together, and database
+writes per reply for a short and a long reply at two rates. It checks the harness works and its JSON
+holds sane figures, not the figures themselves (those are for `make bench`)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, tmp_path: Path):
     out = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVERYTHING_")}
@@ -43,12 +44,19 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
             str(out),
             "--database-url",
             pg_admin_url,
+            # The server's admission control, made deterministic: at most 4 open streams (so the
+            # 8-stream concurrency run has exactly 4 refused, to check how refusals are counted),
+            # and no event-loop lag check (a machine busy with other work must not refuse more).
+            "--server-env",
+            "EVERYTHING_MAX_STREAMS_PER_PROCESS=4",
+            "--server-env",
+            "EVERYTHING_MAX_LOOP_LAG_MS=0",
         ],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=200,
         check=False,
     )
     assert proc.returncode == 0, (
@@ -66,6 +74,8 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
     for run in (direct, grpc):
         assert run["concurrency"] == 1
         assert run["errors"] == {}, run["error_samples"]
+        assert run["refused_resource_exhausted"] == 0, run["error_samples"]
+        assert run["streams_admitted"] == run["streams_started"]
         assert run["streams_completed"] >= 1
         assert run["streams_completed"] == run["streams_started"]
         assert run["tokens"] > 0
@@ -84,6 +94,40 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
     assert grpc["time_to_first_event_ms"]["p50"] <= grpc["ttft_ms"]["p50"]
     assert grpc["ttft_added_ms"]["p50"] is not None
     assert grpc["ratios"]["tokens_per_s_vs_direct"] > 0
+
+    # The concurrency scenario: 8 streams at once against a cap of 4 open streams. The 4 admitted
+    # ones are open together and complete; the 4 others are refused (RESOURCE_EXHAUSTED, counted
+    # apart from errors, with how fast the refusal came back); nothing else fails.
+    (conc,) = results["concurrency"]
+    assert conc["system"] == "grpc-1" and conc["concurrency"] == 8
+    assert conc["errors"] == {}, conc["error_samples"]
+    assert conc["refused_resource_exhausted"] == 4, conc["error_samples"]
+    assert 0 < conc["refusal_ms"]["p50"] <= conc["refusal_ms"]["p99"] < 5000
+    assert conc["streams_admitted"] == conc["streams_completed"] == 4
+    assert conc["peak_open_streams"] == 4
+    assert conc["tokens"] == 4 * 10
+    assert conc["memory"]["server_peak_rss_mb"] >= conc["memory"]["server_rss_before_mb"] > 10
+    assert conc["memory"]["server_kb_per_open_stream"] is not None
+    md = (out / "results.md").read_text()
+    assert "Concurrency: 8 streams" in md and "Overload and admission control" not in md
+
+    # Database writes per reply: short and long replies, at a rate and with no delay. Every reply
+    # writes something and commits transactions; rows counted by table add up.
+    writes = results["db_writes_per_reply"]
+    assert [(w["reply_tokens"], w["rate"]) for w in writes] == [(10, 200), (80, 200), (10, 0), (80, 0)]
+    for w in writes:
+        assert w["replies"] == 2, w
+        assert w["transactions_per_reply"] > 0, w
+        assert w["rows_written_per_reply"] > 0, w
+        assert w["messages_writes_per_reply"] >= 2, w  # at least the user's message and the reply
+        parts = (
+            w["messages_writes_per_reply"] + w["message_events_writes_per_reply"] + w["other_rows_per_reply"]
+        )
+        assert abs(parts - w["rows_written_per_reply"]) < 0.02, w
+    dependence = results["db_writes_length_dependence"]
+    assert [(d["rate"], d["from_tokens"], d["to_tokens"]) for d in dependence] == [(200, 10, 80), (0, 10, 80)]
+    assert all(d["rows_per_100_tokens"] is not None for d in dependence)
+    assert "xacts/reply" in (out / "results.md").read_text()
 
     # Every process the harness started is gone.
     left = [pid for pid in results["meta"]["pids"] if _alive(pid)]

@@ -15,6 +15,14 @@ stream (or unary call) after the other, from its start (spread over `ramp` secon
 Tokens are counted as words of the received text (the mock sends one word per token), so a server
 that coalesces deltas into fewer messages is counted the same. Tokens per second count the tokens
 that arrived between the end of the ramp and `stop_at` (all slots busy).
+
+RESOURCE_EXHAUSTED (gRPC; HTTP 429 from LiteLLM) is a refusal, counted apart from errors with how
+long it took to come back (from the start of the refused call): past capacity, admission control
+should answer it quickly. A refused slot waits `refusal_backoff` seconds (the RetryInfo the server
+sends says 1 s) before its next attempt, as a client honouring it would, instead of hammering the
+server in a tight loop. Every worker also samples how many of its streams are open (admitted: from
+their first message, or the HTTP response for the openai SDK, to their end) every
+OPEN_SAMPLE_SECONDS, on a clock shared by all workers, so the sum is the number of open streams.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from collections import Counter
 from typing import Any
 
 DEADLINE_SLACK = 5.0
+OPEN_SAMPLE_SECONDS = 0.25
+REFUSED = "RESOURCE_EXHAUSTED"
 WARMUP_PROMPT = "warm up [mock:tokens=1 rate=0]"
 
 
@@ -44,7 +54,11 @@ class Recorder:
         self.ttfe = array("d")  # gRPC: time to the first event (user_message_saved): the setup part
         self.gaps = array("d")
         self.latency = array("d")
-        self.error_latency = array("d")  # attempt start -> error (a refusal should be quick)
+        self.error_latency = array("d")  # attempt start -> error (refusals not included)
+        self.refusal_latency = array("d")  # refused call's start -> RESOURCE_EXHAUSTED
+        self.refused = 0
+        self.open = 0  # streams open right now (first message received, not ended)
+        self.open_samples = array("i")  # open streams at start + k * OPEN_SAMPLE_SECONDS
         self.started = 0
         self.completed = 0
         self.tokens = 0
@@ -61,11 +75,27 @@ class Recorder:
         self.stop = stop_at - self.off
 
     def error(self, code: str, detail: str = "", since: float | None = None) -> None:
-        self.errors[code] += 1
-        if since is not None:
-            self.error_latency.append(time.perf_counter() - since)
+        if code == REFUSED:
+            self.refused += 1
+            if since is not None:
+                self.refusal_latency.append(time.perf_counter() - since)
+        else:
+            self.errors[code] += 1
+            if since is not None:
+                self.error_latency.append(time.perf_counter() - since)
         if code not in self.error_samples and detail:
             self.error_samples[code] = detail[:300]
+
+    async def sample_open(self) -> None:
+        """Record `open` at start + k * OPEN_SAMPLE_SECONDS until the hard stop (cancelled)."""
+        k = 0
+        while True:
+            at = self.start + k * OPEN_SAMPLE_SECONDS
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.open_samples.append(self.open)
+            k += 1
 
     def began(self) -> float:
         t = time.perf_counter()
@@ -97,6 +127,9 @@ class Recorder:
             "gaps": self.gaps.tobytes(),
             "latency": self.latency.tobytes(),
             "error_latency": self.error_latency.tobytes(),
+            "refused": self.refused,
+            "refusal_latency": self.refusal_latency.tobytes(),
+            "open_samples": self.open_samples.tobytes(),
             "first_start": wall(self.first_start),
             "last_end": wall(self.last_end),
         }
@@ -157,10 +190,10 @@ class OpenAIClient:
         spec, openai, client = self.spec, self.openai, self.client
         messages = [{"role": "user", "content": prompt}]
 
-        async def one() -> None:
+        async def one() -> bool:
             t0 = rec.began()
             tk = Tokens(rec, t0)
-            ok = False
+            ok = refused = opened = False
             try:
                 async with asyncio.timeout(spec["stream_timeout"]):
                     stream = await client.chat.completions.create(
@@ -169,6 +202,8 @@ class OpenAIClient:
                         stream=True,
                         stream_options={"include_usage": True},
                     )
+                    opened = True
+                    rec.open += 1
                     async for chunk in stream:
                         if chunk.choices:
                             text = chunk.choices[0].delta.content
@@ -178,13 +213,18 @@ class OpenAIClient:
             except TimeoutError:
                 rec.error("TIMEOUT", since=t0)
             except openai.APIStatusError as exc:
-                code = "RESOURCE_EXHAUSTED" if exc.status_code == 429 else f"HTTP_{exc.status_code}"
+                refused = exc.status_code == 429
+                code = REFUSED if refused else f"HTTP_{exc.status_code}"
                 rec.error(code, str(exc), since=t0)
             except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
                 rec.error(type(exc).__name__, str(exc), since=t0)
+            finally:
+                if opened:
+                    rec.open -= 1
             if tk.last is None:
                 rec.no_first_token += 1
             rec.ended(ok)
+            return refused
 
         return one
 
@@ -233,33 +273,43 @@ class GrpcClient:
         md = (("authorization", f"Bearer {spec['slots'][i]['token']}"),)
         timeout = spec["stream_timeout"]
 
-        async def one() -> None:
+        async def one() -> bool:
             tk = None
-            ok = False
-            attempt = time.perf_counter()
+            ok = refused = False
+            attempt = time.perf_counter()  # the call in progress started then (for its latency)
             status = 0
             try:
                 thread = await stub.CreateThread(
                     chat_pb.CreateThreadRequest(title="bench"), metadata=md, timeout=timeout
                 )
                 tk = Tokens(rec, rec.began())
-                call = stub.SendMessage(
-                    chat_pb.SendMessageRequest(thread_id=thread.thread.id, content=prompt),
-                    metadata=md,
-                    timeout=timeout,
-                )
-                async for resp in call:
-                    if resp.HasField("text_delta"):
-                        tk.add(resp.text_delta.text)
-                    elif resp.HasField("user_message_saved"):
-                        rec.ttfe.append(time.perf_counter() - tk.t0)
-                    elif resp.HasField("message_completed"):
-                        status = resp.message_completed.message.status
-                        ok = status == 2  # MESSAGE_STATUS_COMPLETED
+                attempt = tk.t0
+                opened = False
+                try:
+                    call = stub.SendMessage(
+                        chat_pb.SendMessageRequest(thread_id=thread.thread.id, content=prompt),
+                        metadata=md,
+                        timeout=timeout,
+                    )
+                    async for resp in call:
+                        if not opened:
+                            opened = True
+                            rec.open += 1
+                        if resp.HasField("text_delta"):
+                            tk.add(resp.text_delta.text)
+                        elif resp.HasField("user_message_saved"):
+                            rec.ttfe.append(time.perf_counter() - tk.t0)
+                        elif resp.HasField("message_completed"):
+                            status = resp.message_completed.message.status
+                            ok = status == 2  # MESSAGE_STATUS_COMPLETED
+                finally:
+                    if opened:
+                        rec.open -= 1
                 if not ok:  # ended without an error status but not COMPLETED (or no final event)
                     rec.error(f"MESSAGE_STATUS_{status}", since=attempt)
             except grpc.aio.AioRpcError as exc:
                 ok = False
+                refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 rec.error(exc.code().name, exc.details() or "", since=attempt)
             except Exception as exc:  # noqa: BLE001
                 ok = False
@@ -269,6 +319,7 @@ class GrpcClient:
             if tk is None or tk.last is None:
                 rec.no_first_token += 1
             rec.ended(ok)
+            return refused
 
         return one
 
@@ -290,16 +341,18 @@ class GrpcClient:
         md = (("authorization", f"Bearer {self.spec['slots'][i]['token']}"),)
         timeout, grpc = self.spec["stream_timeout"], self.grpc
 
-        async def one() -> None:
+        async def one() -> bool:
             t0 = rec.began()
-            ok = False
+            ok = refused = False
             try:
                 await fn(request, metadata=md, timeout=timeout)
                 ok = True
                 rec.latency.append(time.perf_counter() - t0)
             except grpc.aio.AioRpcError as exc:
+                refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 rec.error(exc.code().name, exc.details() or "", since=t0)
             rec.ended(ok)
+            return refused
 
         return one
 
@@ -395,10 +448,10 @@ class GrpcWebClient:
         token = self.spec["slots"][i]["token"]
         timeout = self.spec["stream_timeout"]
 
-        async def one() -> None:
+        async def one() -> bool:
             tk = None
-            ok = False
-            attempt = time.perf_counter()
+            ok = refused = False
+            attempt = time.perf_counter()  # the call in progress started then (for its latency)
             status = 0
             try:
                 async with asyncio.timeout(timeout + DEADLINE_SLACK):
@@ -407,20 +460,30 @@ class GrpcWebClient:
                     async for payload in self.call("CreateThread", token, create):
                         thread_id = chat_pb.CreateThreadResponse.FromString(payload).thread.id
                     tk = Tokens(rec, rec.began())
+                    attempt = tk.t0
                     req = chat_pb.SendMessageRequest(thread_id=thread_id, content=prompt).SerializeToString()
-                    async for payload in self.call("SendMessage", token, req):
-                        resp = chat_pb.SendMessageResponse.FromString(payload)
-                        if resp.HasField("text_delta"):
-                            tk.add(resp.text_delta.text)
-                        elif resp.HasField("user_message_saved"):
-                            rec.ttfe.append(time.perf_counter() - tk.t0)
-                        elif resp.HasField("message_completed"):
-                            status = resp.message_completed.message.status
-                            ok = status == 2
+                    opened = False
+                    try:
+                        async for payload in self.call("SendMessage", token, req):
+                            if not opened:
+                                opened = True
+                                rec.open += 1
+                            resp = chat_pb.SendMessageResponse.FromString(payload)
+                            if resp.HasField("text_delta"):
+                                tk.add(resp.text_delta.text)
+                            elif resp.HasField("user_message_saved"):
+                                rec.ttfe.append(time.perf_counter() - tk.t0)
+                            elif resp.HasField("message_completed"):
+                                status = resp.message_completed.message.status
+                                ok = status == 2
+                    finally:
+                        if opened:
+                            rec.open -= 1
                 if not ok:
                     rec.error(f"MESSAGE_STATUS_{status}", since=attempt)
             except _GrpcWebError as exc:
                 ok = False
+                refused = exc.code == REFUSED
                 rec.error(exc.code, str(exc), since=attempt)
             except TimeoutError:
                 ok = False
@@ -433,6 +496,7 @@ class GrpcWebClient:
             if tk is None or tk.last is None:
                 rec.no_first_token += 1
             rec.ended(ok)
+            return refused
 
         return one
 
@@ -447,9 +511,11 @@ CLIENTS = {"openai": OpenAIClient, "grpc": GrpcClient, "grpcweb": GrpcWebClient,
 
 
 async def _run_slots(spec: dict[str, Any], rec: Recorder, ones: list) -> None:
-    """Run every slot closed-loop in the window; at most `per_slot` calls per slot when given."""
+    """Run every slot closed-loop in the window; at most `per_slot` calls per slot when given (a
+    refused call counts as one). After a refusal a slot waits `refusal_backoff` seconds."""
     per_slot = spec.get("per_slot")
     ramp = spec.get("ramp", 0.0)
+    backoff = spec.get("refusal_backoff", 0.0)
     rng = random.Random(os.getpid())
 
     async def loop(one) -> None:
@@ -458,12 +524,16 @@ async def _run_slots(spec: dict[str, Any], rec: Recorder, ones: list) -> None:
             await asyncio.sleep(delay)
         done = 0
         while time.perf_counter() < rec.stop and (per_slot is None or done < per_slot):
-            await one()
+            refused = await one()
             done += 1
+            if refused and backoff > 0:
+                await asyncio.sleep(min(backoff, max(rec.stop - time.perf_counter(), 0.0)))
 
+    sampler = asyncio.create_task(rec.sample_open())
     tasks = [asyncio.create_task(loop(one)) for one in ones]
     hard = spec["hard_stop"] - rec.off - time.perf_counter()
     _done, pending = await asyncio.wait(tasks, timeout=max(hard, 0.1))
+    sampler.cancel()
     for t in pending:  # past the hard stop: whatever still runs is cut (counted as not completed)
         t.cancel()
     if pending:

@@ -33,14 +33,23 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens": 0,
         "tokens_in_window": 0,
         "no_first_token": 0,
+        "refused": 0,
     }
     errors: Counter[str] = Counter()
     samples: dict[str, str] = {}
     ttft, ttfe, gaps, latency, elat = array("d"), array("d"), array("d"), array("d"), array("d")
+    rlat = array("d")
+    open_total: list[int] = []  # open streams of all workers, sample by sample (same clock)
     firsts, lasts = [], []
     for r in results:
         for k in out:
-            out[k] += r[k]
+            out[k] += r.get(k, 0)
+        rlat.frombytes(r.get("refusal_latency", b""))
+        opened = array("i")
+        opened.frombytes(r.get("open_samples", b""))
+        open_total += [0] * (len(opened) - len(open_total))
+        for i, n in enumerate(opened):
+            open_total[i] += n
         errors.update(r["errors"])
         for k, v in r["error_samples"].items():
             samples.setdefault(k, v)
@@ -61,6 +70,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
         gaps=gaps,
         latency=latency,
         error_latency=elat,
+        refusal_latency=rlat,
+        peak_open=max(open_total) if open_total else None,
         first_start=min(firsts) if firsts else None,
         last_end=max(lasts) if lasts else None,
     )
@@ -80,17 +91,31 @@ def stream_figures(
     tokens = merged["tokens"]
     per_1k = {k: (_round(v / tokens * 1000, 4) if tokens and v is not None else None) for k, v in cpu.items()}
     span = (merged["last_end"] - merged["first_start"]) if merged["first_start"] and merged["last_end"] else 0
-    errors = merged["errors"]
+    errors = merged["errors"]  # RESOURCE_EXHAUSTED is not among them: see refused
+    refused = merged.get("refused", 0)
+    rlat = merged.get("refusal_latency", array("d"))
     return {
         "concurrency": concurrency,
         "steady_window_s": round(steady_s, 2),
         "streams_started": merged["started"],
         "streams_completed": merged["completed"],
+        # Started attempts that never got a token: refused ones included.
         "streams_without_first_token": merged["no_first_token"],
+        # Admitted: got at least one token (TTFT and inter-token figures are theirs alone).
+        "streams_admitted": len(merged["ttft"]),
+        "peak_open_streams": merged.get("peak_open"),
         "errors": errors,
+        "error_count": sum(errors.values()),
         "error_samples": merged["error_samples"],
-        "refused_resource_exhausted": errors.get("RESOURCE_EXHAUSTED", 0),
-        # How long a failed attempt took to fail (a refusal should be quick, not a timeout).
+        # Admission control: calls answered RESOURCE_EXHAUSTED (HTTP 429 from LiteLLM), and how long
+        # that answer took from the refused call's start (it should be quick, not a timeout).
+        "refused_resource_exhausted": refused,
+        "refusal_ms": {
+            "p50": _ms(percentile(rlat, 0.5)),
+            "p99": _ms(percentile(rlat, 0.99)),
+            "max": _ms(max(rlat) if len(rlat) else None),
+        },
+        # How long a failed attempt (not a refusal) took to fail.
         "error_after_ms": {
             "p50": _ms(percentile(merged["error_latency"], 0.5)),
             "p99": _ms(percentile(merged["error_latency"], 0.99)),
@@ -209,7 +234,7 @@ STREAM_HEAD = [
 def stream_row(r: dict[str, Any]) -> list[str]:
     per = r["cpu_s_per_1k_tokens_by_process"]
     added = r.get("ttft_added_ms") or {}
-    errors = sum(v for k, v in r["errors"].items() if k != "RESOURCE_EXHAUSTED")
+    errors = sum(v for k, v in r["errors"].items() if k != "RESOURCE_EXHAUSTED")  # (older results)
     mem = r["memory"]
     return [
         r["system"],
@@ -232,6 +257,159 @@ def stream_row(r: dict[str, Any]) -> list[str]:
         _f(r.get("loadgen_cores_busy"), 2),
         _f(r.get("other_cores_busy"), 2),
     ]
+
+
+OVERLOAD_HEAD = [
+    "system",
+    "streams",
+    "offered tok/s",
+    "tokens/s",
+    "started",
+    "admitted",
+    "refused",
+    "refusal p50 ms",
+    "refusal p99 ms",
+    "admitted TTFT p50 ms",
+    "admitted TTFT p99 ms",
+    "no 1st tok",
+    "errors",
+    "envoy retries/ejections/no-healthy",
+]
+
+
+def is_overload_run(r: dict[str, Any]) -> bool:
+    """Runs the overload table shows: refusals came back, or 256 streams and more."""
+    return bool(r.get("refused_resource_exhausted")) or r["concurrency"] >= 256
+
+
+def overload_row(r: dict[str, Any]) -> list[str]:
+    envoy = r.get("envoy")
+    return [
+        r["system"],
+        str(r["concurrency"]),
+        _f(r.get("offered_tokens_per_s"), 0),
+        _f(r["tokens_per_s"], 0),
+        str(r["streams_started"]),
+        str(r.get("streams_admitted", "-")),
+        str(r["refused_resource_exhausted"]),
+        _f((r.get("refusal_ms") or {}).get("p50")),
+        _f((r.get("refusal_ms") or {}).get("p99")),
+        _f(r["ttft_ms"]["p50"]),
+        _f(r["ttft_ms"]["p99"]),
+        str(r["streams_without_first_token"]),
+        str(r.get("error_count", sum(r["errors"].values()))),
+        "-"
+        if not envoy
+        else f"{envoy.get('upstream_rq_retry', 0)}/{envoy.get('outlier_detection.ejections_enforced_total', 0)}"
+        f"/{envoy.get('upstream_cx_none_healthy', 0)}",
+    ]
+
+
+CONCURRENCY_HEAD = [
+    "system",
+    "streams",
+    "tok/s each",
+    "reply s",
+    "peak open",
+    "completed",
+    "errors",
+    "refused",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p99 ms",
+    "RSS before MB",
+    "peak RSS MB",
+    "KB/open stream",
+    "CPU s/1k tok",
+    "PG CPU s/1k",
+    "other cores",
+]
+
+
+def concurrency_row(r: dict[str, Any]) -> list[str]:
+    mem = r["memory"]
+    per = r["cpu_s_per_1k_tokens_by_process"]
+    return [
+        r["system"],
+        str(r["concurrency"]),
+        _f(r.get("rate"), 1),
+        _f(r.get("reply_seconds"), 1),
+        _f(r.get("peak_open_streams"), 0),
+        str(r["streams_completed"]),
+        str(r.get("error_count", sum(r["errors"].values()))),
+        str(r["refused_resource_exhausted"]),
+        _f(r["ttft_ms"]["p50"]),
+        _f(r["ttft_ms"]["p99"]),
+        _f(r["inter_token_ms"]["p99"]),
+        _f(mem.get("server_rss_before_mb")),
+        _f(mem.get("server_peak_rss_mb")),
+        _f(mem.get("server_kb_per_open_stream"), 1),
+        _f(per.get("server"), 3),
+        _f(per.get("postgres"), 3),
+        _f(r.get("other_cores_busy"), 2),
+    ]
+
+
+WRITES_HEAD = [
+    "tokens",
+    "rate",
+    "replies",
+    "xacts/reply",
+    "rows/reply",
+    "messages",
+    "message_events",
+    "other tables",
+    "WAL KB/reply",
+    "reply s",
+]
+
+
+def writes_row(w: dict[str, Any]) -> list[str]:
+    return [
+        str(w["reply_tokens"]),
+        "no delay" if not w["rate"] else _f(w["rate"], 0),
+        str(w["replies"]),
+        _f(w.get("transactions_per_reply"), 2),
+        _f(w.get("rows_written_per_reply", w.get("writes_per_reply")), 2),
+        _f(w.get("messages_writes_per_reply"), 2),
+        _f(w.get("message_events_writes_per_reply"), 2),
+        _f(w.get("other_rows_per_reply"), 2),
+        _f(w.get("wal_kb_per_reply"), 1),
+        _f(w.get("reply_seconds"), 2),
+    ]
+
+
+def length_dependence(writes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rate: how much more a long reply writes than a short one (0 = independent of length)."""
+    out = []
+    for rate in dict.fromkeys(w["rate"] for w in writes):
+        rows = sorted(
+            (w for w in writes if w["rate"] == rate and w["replies"]), key=lambda w: w["reply_tokens"]
+        )
+        if len(rows) < 2:
+            continue
+        short, long = rows[0], rows[-1]
+        extra = (long["reply_tokens"] - short["reply_tokens"]) / 100
+
+        def delta(key: str, short=short, long=long) -> float | None:
+            a, b = short.get(key), long.get(key)
+            return None if a is None or b is None else round(b - a, 3)
+
+        d_rows, d_xacts = delta("rows_written_per_reply"), delta("transactions_per_reply")
+        out.append(
+            {
+                "rate": rate,
+                "from_tokens": short["reply_tokens"],
+                "to_tokens": long["reply_tokens"],
+                "rows_per_reply_delta": d_rows,
+                "transactions_per_reply_delta": d_xacts,
+                "rows_per_100_tokens": None if d_rows is None or not extra else round(d_rows / extra, 3),
+                "transactions_per_100_tokens": None
+                if d_xacts is None or not extra
+                else round(d_xacts / extra, 3),
+            }
+        )
+    return out
 
 
 UNARY_HEAD = [
@@ -331,39 +509,46 @@ def render(results: dict[str, Any], table=text_table) -> str:
                 ratios,
             )
         )
+    overload = [r for rs in (results.get("streams") or {}).values() for r in rs if is_overload_run(r)]
+    if overload:
+        out.append(
+            f"{h}Overload and admission control (offered = streams x the mock's rate; refusals are "
+            "RESOURCE_EXHAUSTED, timed from the refused call's start; TTFT of the admitted streams)"
+        )
+        overload.sort(key=lambda r: (r["concurrency"], r["system"]))
+        out.append(table(OVERLOAD_HEAD, [overload_row(r) for r in overload]))
+    conc = results.get("concurrency") or []
+    if conc:
+        c0 = conc[0]
+        out.append(
+            f"{h}Concurrency: {c0['concurrency']} streams open at once at {_f(c0.get('rate'), 1)} tokens/s each "
+            f"({c0.get('reply_tokens')}-token replies, one per client, started over {_f(c0.get('ramp_s'), 1)} s); "
+            "KB/open stream = (peak RSS - RSS before) / peak open streams"
+        )
+        out.append(table(CONCURRENCY_HEAD, [concurrency_row(r) for r in conc]))
     unary = results.get("unary") or []
     if unary:
         out.append(f"{h}Unary RPCs")
         out.append(table(UNARY_HEAD, [unary_row(r) for r in unary]))
     writes = results.get("db_writes_per_reply") or []
     if writes:
-        out.append(f"{h}Database writes per reply (pg_stat_user_tables inserts+updates, WAL bytes)")
-        rows = [
-            [
-                str(w["reply_tokens"]),
-                _f(w["rate"], 0),
-                str(w["replies"]),
-                _f(w["writes_per_reply"], 1),
-                _f(w["messages_writes_per_reply"], 1),
-                _f(w["message_events_writes_per_reply"], 1),
-                _f(w["wal_kb_per_reply"], 1),
-                _f(w["reply_seconds"], 2),
-            ]
-            for w in writes
-        ]
         out.append(
-            table(
-                [
-                    "tokens",
-                    "rate",
-                    "replies",
-                    "writes/reply",
-                    "messages",
-                    "message_events",
-                    "WAL KB/reply",
-                    "reply s",
-                ],
-                rows,
-            )
+            f"{h}Database writes per reply (one CreateThread + one SendMessage each; xacts: "
+            "pg_stat_database commits+rollbacks of the server; rows: pg_stat_user_tables "
+            "inserts+updates; an idle server's own writes over as long subtracted; WAL only on the run's own "
+            "embedded cluster)"
         )
+        out.append(table(WRITES_HEAD, [writes_row(w) for w in writes]))
+        dep = results.get("db_writes_length_dependence") or length_dependence(writes)
+        for d in dep:
+            rate = "no delay" if not d["rate"] else f"{d['rate']:g} tokens/s"
+            out.append(
+                f"{'- ' if table is md_table else '  '}{rate}: {d['from_tokens']} -> {d['to_tokens']} tokens: rows/reply "
+                f"{_signed(d['rows_per_reply_delta'])}, xacts/reply {_signed(d['transactions_per_reply_delta'])} "
+                f"({_signed(d['rows_per_100_tokens'])} rows per 100 tokens more; 0 = independent of length)"
+            )
     return "\n".join(out)
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"

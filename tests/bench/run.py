@@ -20,6 +20,20 @@ mock, load generators; utime+stime from /proc), peak RSS and KB per open stream,
 Plus unary RPCs at fixed concurrency, a no-delay run (rate 0) for maximum throughput, database
 writes per reply for two reply lengths, and optionally a py-spy profile of a server under load.
 
+Two scenarios answer the issue's "1,000 concurrent streams" target, because one run cannot: at the
+default 50 tokens/s per stream, 1,000 streams offer 50,000 tokens/s, far past what 2 cores relay.
+- The 1,000-stream LEVEL is therefore an overload run: the "Overload and admission control" table
+  shows the offered load, the refusals (RESOURCE_EXHAUSTED, counted apart from errors) and how fast
+  they came back (p50/p99), and the TTFT of the streams that were admitted.
+- The CONCURRENCY scenario (`--concurrency-streams`, default 1,000) opens that many streams at once
+  at a low rate (default 2 tokens/s, 40-token replies: 20 s each, one per client, all started within
+  5 s), so they are all open together at a load the machine can carry: errors, peak open streams,
+  peak RSS and KB per open stream, for grpc-1 and LiteLLM (`--concurrency-systems`).
+
+Database writes per reply (`--writes-tokens`, `--writes-rates`): transactions (pg_stat_database)
+and rows written (pg_stat_user_tables) per reply, for short and long replies at the mock's rate and
+with no delay, and how much more a long reply costs than a short one (0 = independent of length).
+
 Output: a table on stdout, test-artifacts/bench/results.json and results.md. Every process the run
 starts is stopped at the end (SIGTERM, then SIGKILL), also on errors and Ctrl-C.
 """
@@ -49,6 +63,7 @@ from tests.bench import profile as pyspy  # noqa: E402
 ROOT = systems.ROOT
 PROMPT = "Tell me a short story about a quiet river and the light on the water."
 ALL_SYSTEMS = ("direct", "litellm", "grpc-1", "grpc-N", "grpcweb")
+SERVER_SYSTEMS = ("litellm", "grpc-1", "grpc-N", "grpcweb")  # a process whose memory is measured
 UNARY_METHODS = ("GetPreferences", "ListThreads", "GetCurrentUser")
 
 
@@ -92,6 +107,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-unary", action="store_true")
     p.add_argument("--no-max", action="store_true", help="skip the no-delay (rate 0) run")
     p.add_argument("--no-writes", action="store_true", help="skip database writes per reply")
+    p.add_argument(
+        "--writes-tokens", default="50,400", help="reply lengths of the writes runs (default 50,400)"
+    )
+    p.add_argument(
+        "--writes-rates", help="mock rates of the writes runs, 0 = no delay (default: --rate and 0)"
+    )
+    p.add_argument("--writes-replies", type=int, help="replies per writes run (default 20; quick 8)")
+    p.add_argument(
+        "--refusal-backoff",
+        type=float,
+        default=1.0,
+        help="seconds a client waits after RESOURCE_EXHAUSTED (the server's RetryInfo; default 1)",
+    )
+    p.add_argument("--no-concurrency", action="store_true", help="skip the concurrency scenario")
+    p.add_argument(
+        "--concurrency-streams", type=int, default=1000, help="streams open at once (default 1000)"
+    )
+    p.add_argument(
+        "--concurrency-rate", type=float, default=2.0, help="tokens/s per stream there (default 2)"
+    )
+    p.add_argument(
+        "--concurrency-tokens", type=int, default=40, help="tokens per reply there (default 40: 20 s)"
+    )
+    p.add_argument("--concurrency-ramp", type=float, default=5.0, help="streams start within (default 5 s)")
+    p.add_argument(
+        "--concurrency-systems",
+        default="grpc-1,litellm",
+        help="systems of the concurrency scenario, among those run (default grpc-1,litellm)",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy profile of one server under stream load")
     p.add_argument("--profile-concurrency", type=int, default=64, help="streams during the profile")
     p.add_argument(
@@ -109,8 +153,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.tokens = 20 if a.tokens == 200 else a.tokens
         a.rate = 100.0 if a.rate == 50.0 else a.rate
         a.stream_timeout = a.stream_timeout or 15.0
-        a.no_unary = a.no_max = a.no_writes = True
+        a.no_unary = a.no_max = True
         a.users = min(a.users, 2)
+        # Tiny but complete: a concurrency run and the writes table (short and long, two rates).
+        a.concurrency_streams = 8 if a.concurrency_streams == 1000 else a.concurrency_streams
+        a.concurrency_rate = 5.0 if a.concurrency_rate == 2.0 else a.concurrency_rate
+        a.concurrency_tokens = 10 if a.concurrency_tokens == 40 else a.concurrency_tokens
+        a.concurrency_ramp = 0.5 if a.concurrency_ramp == 5.0 else a.concurrency_ramp
+        a.writes_tokens = "10,80" if a.writes_tokens == "50,400" else a.writes_tokens
+        a.writes_rates = a.writes_rates or "200,0"
+        a.writes_replies = a.writes_replies or 2
     elif a.quick:
         a.levels = a.levels or "1,16,64"
         a.duration = a.duration or 8.0
@@ -120,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.duration = a.duration or 20.0
     a.stream_timeout = a.stream_timeout or 60.0
     a.unary_duration = a.unary_duration or 8.0
+    a.writes_tokens = [int(x) for x in a.writes_tokens.split(",")]
+    a.writes_rates = [float(x) for x in (a.writes_rates or f"{a.rate:g},0").split(",")]
+    a.writes_replies = a.writes_replies or (8 if a.quick else 20)
+    a.concurrency_systems = [s.strip() for s in a.concurrency_systems.split(",") if s.strip()]
     a.systems = [s.strip() for s in (a.systems or ",".join(ALL_SYSTEMS)).split(",") if s.strip()]
     for s in a.systems:
         if s not in ALL_SYSTEMS:
@@ -136,6 +192,7 @@ class System:
     gateway_pids: list[int] = field(default_factory=list)
     api_key: str = ""
     ports: list[int] = field(default_factory=list)
+    admin_url: str = ""  # Envoy's admin (grpcweb): what it did with the upstreams
 
 
 class Bench:
@@ -157,8 +214,10 @@ class Bench:
             "meta": {},
             "streams": {},
             "max_throughput": {},
+            "concurrency": [],
             "unary": [],
             "db_writes_per_reply": [],
+            "db_writes_length_dependence": [],
             "profile": None,
             "problems": [],
         }
@@ -206,6 +265,16 @@ class Bench:
             "levels": a.levels,
             "systems": a.systems,
             "servers_in_grpc_N": a.servers,
+            "refusal_backoff_s": a.refusal_backoff,
+            "concurrency_scenario": None
+            if a.no_concurrency
+            else {
+                "streams": a.concurrency_streams,
+                "rate": a.concurrency_rate,
+                "tokens": a.concurrency_tokens,
+                "ramp_s": a.concurrency_ramp,
+                "systems": [s for s in a.concurrency_systems if s in a.systems],
+            },
             "database": "embedded pgserver (own cluster)" if self.db.embedded else "DATABASE_URL server",
             "litellm_version": systems.LITELLM_VERSION,
             "mode": "smoke" if a.smoke else "quick" if a.quick else "full",
@@ -241,9 +310,9 @@ class Bench:
         self._track(*ps)
         ports = [port for _, port in started]
         if name == "grpcweb":
-            gw, url = await systems.start_gateway(self.run_dir, ports)
+            gw, url, admin = await systems.start_gateway(self.run_dir, ports)
             self._track(gw)
-            return System(name, "grpcweb", url, ports=ports), [*ps, gw]
+            return System(name, "grpcweb", url, ports=ports, admin_url=admin), [*ps, gw]
         return System(name, "grpc", systems.grpc_target(ports), ports=ports), ps
 
     def _pids_of(self, system: System, ps: list[procs.Proc]) -> None:
@@ -258,7 +327,12 @@ class Bench:
     async def ensure_users(self, target: str) -> None:
         """Sign up the users once (Argon2 work, outside every measured window)."""
         a = self.args
-        wanted = [*a.levels, 1 if a.no_unary else a.unary_concurrency, 1 if a.no_writes else 20]
+        wanted = [
+            *a.levels,
+            1 if a.no_unary else a.unary_concurrency,
+            1 if a.no_writes else a.writes_replies,
+            1 if a.no_concurrency else a.concurrency_streams,
+        ]
         need = min(a.users, max(wanted))
         if len(self.tokens) >= need:
             return
@@ -328,6 +402,7 @@ class Bench:
             "per_slot": per_slot,
             "ramp": self.ramp(duration) if ramp is None else ramp,
             "warmup": warmup,
+            "refusal_backoff": a.refusal_backoff,
         }
         ctx = multiprocessing.get_context("spawn")
         workers = []
@@ -348,6 +423,7 @@ class Bench:
                     raise RuntimeError(f"load generator failed: {msg.get('error')}")
             self.sampler.sample()
             self.sampler.begin()
+            envoy0 = await self._envoy_stats(system)
             busy0 = procs.machine_busy_seconds()
             t_begin = time.time()
             start_at = t_begin + (1.0 if concurrency >= 256 else 0.3)
@@ -367,6 +443,7 @@ class Bench:
             t_end = time.time()
             busy1 = procs.machine_busy_seconds()
             self.sampler.sample()
+            envoy1 = await self._envoy_stats(system)
         finally:
             for proc, conn in workers:
                 conn.close()
@@ -389,6 +466,7 @@ class Bench:
         if system.kind == "openai":
             cpu["postgres"] = None  # nothing of these systems uses the database
         srv = g["server"]
+        peak_open = merged.get("peak_open") or 0
         mem: dict[str, Any] = {
             "server_processes": len(system.server_pids),
             "server_rss_before_mb": round(srv.rss_base / 1024, 1),
@@ -397,11 +475,38 @@ class Bench:
             "server_kb_per_stream": round((srv.rss_peak - srv.rss_base) / concurrency, 1)
             if concurrency
             else None,
+            # The same over the streams that were open at the peak (refused ones hold no memory).
+            "server_kb_per_open_stream": round((srv.rss_peak - srv.rss_base) / peak_open, 1)
+            if peak_open
+            else None,
             "gateway_peak_rss_mb": round(g["gateway"].rss_peak / 1024, 1),
         }
         if not system.server_pids:
             mem = {k: None for k in mem}
+        if envoy0 is not None and envoy1 is not None:
+            # What Envoy did with the upstreams meanwhile: retries, ejections, failed health checks,
+            # calls answered "no healthy upstream" (counters: the window's increase).
+            keys = (
+                "upstream_rq_retry",
+                "upstream_rq_retry_overflow",
+                "outlier_detection.ejections_enforced_total",
+                "health_check.failure",
+                "health_check.network_failure",
+                "upstream_cx_none_healthy",
+                "upstream_rq_pending_overflow",
+            )
+            merged["envoy"] = {k: envoy1.get(k, 0) - envoy0.get(k, 0) for k in keys}
         return merged, cpu, mem, t_end - t_begin
+
+    async def _envoy_stats(self, system: System) -> dict[str, int] | None:
+        if not system.admin_url:
+            return None
+        from everything_server import gateway
+
+        try:
+            return await asyncio.to_thread(gateway.cluster_stats, system.admin_url)
+        except OSError:
+            return None
 
     def ramp(self, duration: float, rate: float | None = None) -> float:
         """Slots start spread over about one reply's duration (at most a quarter of the window), so
@@ -427,6 +532,10 @@ class Bench:
         )
         fig["system"] = system.name
         fig["wall_s"] = round(wall, 2)
+        rate = a.rate if rate is None else rate
+        fig["offered_tokens_per_s"] = round(concurrency * rate, 1) if rate else None
+        if "envoy" in merged:
+            fig["envoy"] = merged["envoy"]
         # Cores busy with other work during the run (other engineers' processes, this orchestrator):
         # the noise next to the figures; CPU per token holds, throughput and latency may not.
         fig["other_cores_busy"] = round((cpu["other"] or 0.0) / wall, 2) if wall > 0 else None
@@ -440,7 +549,8 @@ class Bench:
             f"  {fig['system']:8} x{fig['concurrency']:<5} tok/s={fig['tokens_per_s']}"
             f" ttft p50={fig['ttft_ms']['p50']}ms p99={fig['ttft_ms']['p99']}ms"
             f" cpu/1k={fig['cpu_s_per_1k_tokens']} pg/1k={fig['cpu_s_per_1k_tokens_by_process'].get('postgres')}"
-            f" errors={fig['errors']}"
+            f" errors={fig['errors']} refused={fig['refused_resource_exhausted']}"
+            f" refusal p99={fig['refusal_ms']['p99']}ms"
         )
 
     # -- phases -------------------------------------------------------------------------------------
@@ -471,6 +581,17 @@ class Bench:
                 fig = await self.stream_run(system, c)
                 runs.append(fig)
                 self._print_run(fig)
+                self._save()
+            if not a.no_concurrency and name in a.concurrency_systems:
+                fig = await self.concurrency_run(system)
+                self.results["concurrency"].append(fig)
+                log(
+                    f"  concurrency {name} x{fig['concurrency']}: peak open={fig['peak_open_streams']}"
+                    f" completed={fig['streams_completed']} errors={fig['errors']}"
+                    f" refused={fig['refused_resource_exhausted']}"
+                    f" rss {fig['memory']['server_rss_before_mb']}->{fig['memory']['server_peak_rss_mb']} MB"
+                    f" ({fig['memory']['server_kb_per_open_stream']} KB/open stream)"
+                )
                 self._save()
             if not a.no_max:
                 fig = await self.stream_run(
@@ -506,70 +627,177 @@ class Bench:
             self._stop(ps)
             log(f"system {name}: stopped")
 
+    async def concurrency_run(self, system: System) -> dict[str, Any]:
+        """Many streams open together at a low rate: one reply per client, all started within the
+        ramp, each lasting tokens/rate seconds, so they overlap for most of a reply."""
+        a = self.args
+        n, rate, tokens, ramp = (
+            a.concurrency_streams,
+            a.concurrency_rate,
+            a.concurrency_tokens,
+            a.concurrency_ramp,
+        )
+        reply_s = tokens / rate
+        merged, cpu, mem, wall = await self.load(
+            system,
+            n,
+            prompt=f"{PROMPT} [mock:tokens={tokens} rate={rate:g}]",
+            per_slot=1,
+            duration=ramp + 0.5,  # every slot starts its one stream within the ramp
+            ramp=ramp,
+        )
+        fig = report.stream_figures(merged, concurrency=n, steady_s=0.0, cpu=cpu, mem=mem)
+        fig.update(
+            system=system.name,
+            rate=rate,
+            reply_tokens=tokens,
+            reply_seconds=round(reply_s, 2),
+            ramp_s=ramp,
+            wall_s=round(wall, 2),
+            other_cores_busy=round((cpu["other"] or 0.0) / wall, 2) if wall > 0 else None,
+            loadgen_cores_busy=round((cpu["loadgen"] or 0.0) / wall, 2) if wall > 0 else None,
+        )
+        if "envoy" in merged:
+            fig["envoy"] = merged["envoy"]
+        if system.kind != "openai":
+            await self.quiesce()
+        return fig
+
     async def db_writes(self) -> None:
-        """Writes per reply for two reply lengths, at the run's rate and with no delay. The server
-        is stopped before statistics are read (backends flush their counters when they exit)."""
+        """Writes per reply for each reply length and rate (`--writes-tokens`, `--writes-rates`).
+
+        Each configuration is a window: statistics snapshot with no server connected, a fresh
+        server, `replies` clients making one CreateThread and one SendMessage each, the server
+        stopped (its backends flush their statistics as they exit), snapshot. The same window with
+        an idle server, as long, is subtracted: the server's own start-up, health checks and
+        housekeeping are not the replies'. Transactions are the run's database's commits +
+        rollbacks (pg_stat_database) minus the monitor's own (Database.snapshot); rows written are
+        inserts + updates (pg_stat_user_tables; the deletes, of housekeeping, are in the JSON). WAL
+        is cluster-wide, so only reported on an embedded cluster of the run's own."""
         a = self.args
         assert self.db is not None and self.senv is not None
-        replies = 8 if a.quick else 20
+        replies = a.writes_replies
         await self._migrated()
-        for rate in (a.rate, 0.0):
-            for n in (50, 400):
-                started = await systems.start_servers(self.run_dir, self.senv, 1, f"writes-{n}-{int(rate)}")
-                ps = [p for p, _ in started]
-                self._track(*ps)
-                system = System("grpc-1", "grpc", systems.grpc_target([started[0][1]]), ports=[started[0][1]])
-                try:
-                    await self.ensure_users(system.target)
-                    await self._backends_gone()
-                    before = await self.db.table_stats()
-                    wal0 = await self.db.wal_bytes()
-                    t0 = time.time()
-                    merged, *_ = await self.load(
-                        system,
-                        replies,
-                        prompt=f"{PROMPT} [mock:tokens={n} rate={rate:g}]",
-                        per_slot=1,
-                        duration=1.0,
-                        ramp=0.0,
-                        warmup=False,
-                    )
-                    await self.quiesce()
-                    took = time.time() - t0
-                finally:
-                    self._stop(ps)
-                await self._backends_gone()
-                after = await self.db.table_stats()
-                wal1 = await self.db.wal_bytes()
-                done = merged["completed"]
-                diff = {
-                    t: {k: after[t][k] - before.get(t, {}).get(k, 0) for k in ("ins", "upd", "del")}
-                    for t in after
-                }
-                diff = {t: d for t, d in diff.items() if any(d.values())}
+        await self.quiesce()
+        if len(self.tokens) < min(a.users, replies):  # sign-ups are not part of any window
+            started = await systems.start_servers(self.run_dir, self.senv, 1, "writes-users")
+            self._track(*(p for p, _ in started))
+            try:
+                await self.ensure_users(f"127.0.0.1:{started[0][1]}")
+            finally:
+                self._stop([p for p, _ in started])
+        for rate in a.writes_rates:
+            for n in a.writes_tokens:
+                prompt = f"{PROMPT} [mock:tokens={n} rate={rate:g}]"
 
-                def writes(t: str, diff=diff) -> int:
-                    d = diff.get(t, {})
+                async def replies_in(system: System, prompt=prompt) -> dict[str, Any]:
+                    merged, *_ = await self.load(
+                        system, replies, prompt=prompt, per_slot=1, duration=1.0, ramp=0.0, warmup=False
+                    )
+                    return merged
+
+                loaded = await self._writes_window(f"writes-{n}-{rate:g}", replies_in)
+                merged = loaded["merged"]
+                idle_for = loaded["serving_s"]
+
+                async def idle(system: System, seconds=idle_for) -> None:
+                    await asyncio.sleep(seconds)
+
+                base = await self._writes_window(f"writes-idle-{n}-{rate:g}", idle)
+                done = merged["completed"]
+                tables = sorted(set(loaded["tables"]) | set(base["tables"]))
+                diff = {
+                    tbl: {
+                        k: loaded["tables"].get(tbl, {}).get(k, 0) - base["tables"].get(tbl, {}).get(k, 0)
+                        for k in ("ins", "upd", "del")
+                    }
+                    for tbl in tables
+                }
+                diff = {tbl: d for tbl, d in diff.items() if any(d.values())}
+                xacts = loaded["xacts"] - base["xacts"]
+
+                def rows(tbl: str, diff=diff) -> int:
+                    d = diff.get(tbl, {})
                     return d.get("ins", 0) + d.get("upd", 0)
 
-                total = sum(writes(t) for t in diff)
+                total = sum(rows(tbl) for tbl in diff)
+
+                def per(v: float, done=done) -> float | None:
+                    return round(v / done, 2) if done else None
+
+                wal = loaded["wal"] - base["wal"]
                 row = {
                     "reply_tokens": n,
                     "rate": rate,
                     "replies": done,
+                    "replies_tried": replies,
+                    "errors": merged["errors"],
+                    "refused": merged.get("refused", 0),
                     "reply_seconds": round(n / rate, 2) if rate else None,
-                    "writes_per_reply": round(total / done, 2) if done else None,
-                    "messages_writes_per_reply": round(writes("messages") / done, 2) if done else None,
-                    "message_events_writes_per_reply": round(writes("message_events") / done, 2)
-                    if done
-                    else None,
-                    "wal_kb_per_reply": round((wal1 - wal0) / 1024 / done, 2) if done else None,
+                    "transactions_per_reply": per(xacts),
+                    "rows_written_per_reply": per(total),
+                    "writes_per_reply": per(total),  # the name in older results
+                    "messages_writes_per_reply": per(rows("messages")),
+                    "message_events_writes_per_reply": per(rows("message_events")),
+                    "other_rows_per_reply": per(total - rows("messages") - rows("message_events")),
+                    "wal_kb_per_reply": round(wal / 1024 / done, 2) if done and self.db.embedded else None,
+                    "transactions": xacts,
+                    "idle_server_transactions_excluded": base["xacts"],
                     "tables": diff,
-                    "seconds": round(took, 1),
-                    "note": "includes CreateThread, the rate-limit counter and the user's message",
+                    "seconds": round(loaded["serving_s"], 1),
+                    "note": "per reply: one CreateThread and one SendMessage (the user's message, the "
+                    "reply and its checkpoints, rate-limit counters); an idle server's writes over as "
+                    "long are subtracted",
                 }
                 self.results["db_writes_per_reply"].append(row)
-                log(f"  writes: {n} tokens at rate {rate:g}: {row['writes_per_reply']} writes/reply {diff}")
+                if done < replies:
+                    self.results["problems"].append(
+                        f"writes {n} tokens at {rate:g}/s: {done} of {replies} replies completed "
+                        f"{merged['errors']} {merged['error_samples']}"[:2000]
+                    )
+                log(
+                    f"  writes: {n} tokens at rate {rate:g}: {row['transactions_per_reply']} xacts/reply,"
+                    f" {row['rows_written_per_reply']} rows/reply (idle server: {base['xacts']} xacts) {diff}"
+                )
+                self._save()
+        self.results["db_writes_length_dependence"] = report.length_dependence(
+            self.results["db_writes_per_reply"]
+        )
+
+    async def _writes_window(self, tag: str, work) -> dict[str, Any]:
+        """Snapshot, a fresh server, `await work(system)`, the server stopped, snapshot: what the
+        run's database recorded in between (the monitor's own transactions taken out)."""
+        assert self.db is not None and self.senv is not None
+        await self._backends_gone()
+        before = await self.db.snapshot()
+        wal0 = await self.db.wal_bytes()
+        started = await systems.start_servers(self.run_dir, self.senv, 1, tag)
+        ps = [p for p, _ in started]
+        self._track(*ps)
+        t0 = time.monotonic()
+        try:
+            port = started[0][1]
+            result = await work(System("grpc-1", "grpc", systems.grpc_target([port]), ports=[port]))
+            serving = time.monotonic() - t0
+        finally:
+            self._stop(ps)  # SIGTERM: a graceful stop saves whatever is still in flight
+        await self._backends_gone()
+        after = await self.db.snapshot()
+        wal1 = await self.db.wal_bytes()
+        tables = {
+            tbl: {
+                k: after["tables"][tbl][k] - before["tables"].get(tbl, {}).get(k, 0)
+                for k in ("ins", "upd", "del")
+            }
+            for tbl in after["tables"]
+        }
+        return {
+            "merged": result,
+            "serving_s": serving,
+            "xacts": after["xacts"] - before["xacts"] - (after["monitor"] - before["monitor"]),
+            "tables": tables,
+            "wal": wal1 - wal0,
+        }
 
     async def _migrated(self) -> None:
         """Upgrade to head again: in a checkout where someone adds a migration during a long run,
@@ -588,17 +816,15 @@ class Bench:
             await self.db.migrate()
 
     async def _backends_gone(self, timeout: float = 15.0) -> None:
+        """Wait (bounded) until no client is connected to the run's database but the monitor
+        (asked on the admin database, so the waiting adds no transaction to the run's)."""
         assert self.db is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            n = await self.db.count(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            )
-            if n == 0:
-                break
+            if await self.db.client_backends() == 0:
+                return
             await asyncio.sleep(0.2)
-        await self.db.count("SELECT count(*) FROM (SELECT pg_stat_clear_snapshot()) s")
+        self.results["problems"].append(f"server connections still open {timeout:.0f}s after it stopped")
 
     async def profile(self) -> None:
         """One server under py-spy (started by py-spy: attaching is not allowed in every container)

@@ -58,8 +58,16 @@ class Database:
     embedded: object | None = None  # pgserver.PostgresServer
     embedded_dir: Path | None = None
     _seen: set[int] = field(default_factory=set)
-    _monitor: object | None = None  # asyncpg connection (admin) for pids and statistics
+    _monitor: object | None = None  # asyncpg connection to the run's database: table statistics
+    # A connection to the admin database for cluster-wide views (pg_stat_activity,
+    # pg_stat_database), so watching the run's database adds no transactions to its counters.
+    _admin: object | None = None
     _task: asyncio.Task | None = None
+    # Statements the monitor ran on the run's database (each its own transaction), so they can be
+    # taken out of its transaction counter (see snapshot); one statement at a time per connection.
+    statements: int = 0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     async def create(cls, admin_url: str | None) -> Database:
@@ -80,6 +88,7 @@ class Database:
             await admin.close()
         db = cls(admin_url, _with_database(admin_url, name), name, embedded, embedded_dir)
         db._monitor = await asyncpg.connect(db.url)
+        db._admin = await asyncpg.connect(admin_url)
         return db
 
     async def migrate(self) -> None:
@@ -93,10 +102,32 @@ class Database:
             return procs.tree(root) if root else []
         return list(self._seen)
 
+    async def _fetch(self, sql: str, *args) -> list:
+        async with self._lock:
+            self.statements += 1
+            return await self._monitor.fetch(sql, *args)
+
+    async def admin_fetch(self, sql: str, *args) -> list:
+        """On the admin database (cluster-wide views): no transaction on the run's database."""
+        async with self._admin_lock:
+            return await self._admin.fetch(sql, *args)
+
+    async def client_backends(self) -> int:
+        """Client connections to the run's database (the monitor's own not counted)."""
+        rows = await self.admin_fetch(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = $1 AND pid <> $2 "
+            "AND backend_type = 'client backend'",
+            self.name,
+            self._monitor.get_server_pid(),
+        )
+        return int(rows[0]["n"])
+
     async def _watch_backends(self) -> None:
         while True:
-            rows = await self._monitor.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", self.name
+            rows = await self.admin_fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> $2",
+                self.name,
+                self._monitor.get_server_pid(),
             )
             self._seen.update(r["pid"] for r in rows)
             await asyncio.sleep(0.5)
@@ -106,18 +137,35 @@ class Database:
             self._task = asyncio.create_task(self._watch_backends(), name="pg-backends")
 
     async def table_stats(self) -> dict[str, dict[str, int]]:
-        rows = await self._monitor.fetch(
-            "SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables"
-        )
+        rows = await self._fetch("SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
         return {
             r["relname"]: {"ins": r["n_tup_ins"], "upd": r["n_tup_upd"], "del": r["n_tup_del"]} for r in rows
         }
 
     async def wal_bytes(self) -> int:
-        return int(await self._monitor.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+        """WAL written by the whole cluster so far (only meaningful on the run's own cluster)."""
+        return int((await self.admin_fetch("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn AS b"))[0]["b"])
 
     async def count(self, sql: str) -> int:
-        return int(await self._monitor.fetchval(sql))
+        return int((await self._fetch(sql))[0][0])
+
+    async def snapshot(self) -> dict:
+        """The run's database's write statistics now: rows (pg_stat_user_tables) and transactions
+        (commits + rollbacks, pg_stat_database), plus `monitor`: how many statements (each its own
+        transaction) the monitor had run on it by then. The monitor's pending statistics are
+        flushed (pg_stat_force_next_flush, PostgreSQL 15+) before the transactions are read from
+        the admin database, so between two snapshots the transactions that are not the server's
+        are exactly `b["monitor"] - a["monitor"]` (2: the rows read and the flush). Server backends
+        flush theirs when they exit: stop the server before the second snapshot."""
+        tables = await self.table_stats()
+        async with self._lock:
+            self.statements += 1
+            await self._monitor.execute("SELECT pg_stat_force_next_flush()")
+            monitor = self.statements
+        rows = await self.admin_fetch(
+            "SELECT xact_commit + xact_rollback AS xacts FROM pg_stat_database WHERE datname = $1", self.name
+        )
+        return {"xacts": int(rows[0]["xacts"]), "monitor": monitor, "tables": tables}
 
     async def close(self) -> None:
         import asyncpg
@@ -126,9 +174,10 @@ class Database:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._monitor is not None:
-            with contextlib.suppress(Exception):
-                await self._monitor.close()
+        for conn in (self._monitor, self._admin):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
         with contextlib.suppress(Exception):
             admin = await asyncpg.connect(self.admin_url)
             try:
@@ -272,8 +321,9 @@ def grpc_target(ports: list[int]) -> str:
 # -- Envoy -------------------------------------------------------------------------------------------------
 
 
-async def start_gateway(run_dir: Path, upstream_ports: list[int]) -> tuple[procs.Proc, str]:
-    """`everything-gateway` (Envoy from deploy/envoy/envoy.yaml) in front of the replicas."""
+async def start_gateway(run_dir: Path, upstream_ports: list[int]) -> tuple[procs.Proc, str, str]:
+    """`everything-gateway` (Envoy from deploy/envoy/envoy.yaml) in front of the replicas:
+    (process, gateway URL, admin URL)."""
     launcher = VENV_BIN / "everything-gateway"
     if not launcher.exists():
         raise RuntimeError("everything-gateway is not installed (pip install -e '.[dev]')")
@@ -293,7 +343,7 @@ async def start_gateway(run_dir: Path, upstream_ports: list[int]) -> tuple[procs
         return bool(flags) and all(f == "healthy" for f in flags)
 
     await _ready_or_stop(p, ready, "starting Envoy with healthy upstreams", 60)
-    return p, f"http://127.0.0.1:{port}"
+    return p, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
 
 
 # -- LiteLLM ------------------------------------------------------------------------------------------------
