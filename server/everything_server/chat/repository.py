@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, literal, or_, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+import asyncpg
+from sqlalchemy import delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -25,17 +25,77 @@ from everything_server.chat.models import (
 from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
+# The statements on the path of every reply (creating it, saving it) run on the transaction's own
+# asyncpg connection: prepared once per connection, none of the ORM's per-statement work (measured:
+# ~65 µs of CPU per statement instead of ~420 through the ORM). Their rows become detached model
+# objects, as the ORM's would be after commit.
+
+_MESSAGE_COLUMNS = ", ".join(c.name for c in Message.__table__.columns)
+_THREAD_COLUMNS = ", ".join(c.name for c in Thread.__table__.columns)
+# S608 below: only the constants above are interpolated, never a value.
+_INSERT_THREAD = f"INSERT INTO threads (id, user_id, title) VALUES ($1, $2, $3) RETURNING {_THREAD_COLUMNS}"  # noqa: S608
+
+_GET_THREAD = f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = $1 AND user_id = $2"  # noqa: S608
+
+_TOUCH_THREAD = (
+    f"UPDATE threads SET updated_at = now() WHERE id = $1 AND user_id = $2 RETURNING {_THREAD_COLUMNS}"  # noqa: S608
+)
+
+_INSERT_USER_MESSAGE = f"""
+    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, position, turn)
+    SELECT $1, $2, $3, '{ROLE_USER}', $4, '{COMPLETED}', $5, v, v
+      FROM (SELECT nextval('messages_position_seq') AS v) AS drawn
+    ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+    RETURNING {_MESSAGE_COLUMNS}
+"""  # noqa: S608
+
+_INSERT_REPLY = f"""
+    INSERT INTO messages
+      (id, thread_id, user_id, role, status, parent_message_id, turn, seq, model, lease_expires_at)
+    VALUES ($1, $2, $3, '{ROLE_ASSISTANT}', '{GENERATING}', $4, $5, 1, $6, now() + $7::interval)
+    RETURNING {_MESSAGE_COLUMNS}
+"""  # noqa: S608
+
+_FINISH = f"""
+    UPDATE messages
+       SET content = $2, seq = $3, status = $4, prompt_tokens = $5, completion_tokens = $6,
+           usage_estimated = $7, error_reason = $8, lease_expires_at = NULL, updated_at = now()
+     WHERE id = $1 AND status = '{GENERATING}'
+    RETURNING {_MESSAGE_COLUMNS}
+"""  # noqa: S608
+
+
+async def _driver(db: AsyncSession) -> asyncpg.Connection:
+    conn = await db.connection()
+    return (await conn.get_raw_connection()).driver_connection
+
+
+def _message(row: asyncpg.Record | None) -> Message | None:
+    return None if row is None else Message(**dict(row))
+
+
+def _thread(row: asyncpg.Record | None) -> Thread | None:
+    return None if row is None else Thread(**dict(row))
+
+
 # -- threads -------------------------------------------------------------------------------------
 
 
 async def insert_thread(db: AsyncSession, *, user_id: uuid.UUID, title: str) -> Thread:
-    stmt = insert(Thread).values(id=uuid.uuid4(), user_id=user_id, title=title).returning(Thread)
-    return (await db.execute(stmt)).scalar_one()
+    row = await (await _driver(db)).fetchrow(
+        _INSERT_THREAD,
+        uuid.uuid4(),
+        user_id,
+        title,
+    )
+    thread = _thread(row)
+    assert thread is not None
+    return thread
 
 
 async def get_thread(db: AsyncSession, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
-    stmt = select(Thread).where(Thread.id == thread_id, Thread.user_id == user_id)
-    return (await db.execute(stmt)).scalar_one_or_none()
+    row = await (await _driver(db)).fetchrow(_GET_THREAD, thread_id, user_id)
+    return _thread(row)
 
 
 async def list_threads(
@@ -72,13 +132,12 @@ async def set_generated_title(
 
 
 async def touch_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
-    stmt = (
-        update(Thread)
-        .where(Thread.id == thread_id, Thread.user_id == user_id)
-        .values(updated_at=func.now())
-        .returning(Thread)
+    row = await (await _driver(db)).fetchrow(
+        _TOUCH_THREAD,
+        thread_id,
+        user_id,
     )
-    return (await db.execute(stmt)).scalar_one_or_none()
+    return _thread(row)
 
 
 async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> bool:
@@ -99,29 +158,15 @@ async def insert_user_message(
 ) -> Message | None:
     """None when `client_message_id` was taken meanwhile (by a concurrent retry of the same send).
     Its turn is its position, drawn from the sequence in the same statement."""
-    drawn = select(func.nextval("messages_position_seq").label("v")).subquery()
-    values = {
-        "id": uuid.uuid4(),
-        "thread_id": thread_id,
-        "user_id": user_id,
-        "role": ROLE_USER,
-        "content": content,
-        "status": COMPLETED,
-        "client_message_id": client_message_id,
-    }
-    columns = [Message.__table__.c[k] for k in values]
-    stmt = insert(Message).from_select(
-        [*values, "position", "turn"],
-        select(
-            *(literal(v, c.type) for v, c in zip(values.values(), columns, strict=True)), drawn.c.v, drawn.c.v
-        ),
+    row = await (await _driver(db)).fetchrow(
+        _INSERT_USER_MESSAGE,
+        uuid.uuid4(),
+        thread_id,
+        user_id,
+        content,
+        client_message_id,
     )
-    if client_message_id is not None:
-        stmt = stmt.on_conflict_do_nothing(
-            index_elements=[Message.user_id, Message.client_message_id],
-            index_where=Message.client_message_id.is_not(None),
-        )
-    return (await db.execute(stmt.returning(Message))).scalar_one_or_none()
+    return _message(row)
 
 
 async def insert_reply(
@@ -133,23 +178,19 @@ async def insert_reply(
     lease: timedelta,
 ) -> Message:
     """The assistant message, GENERATING, with its first event (seq 1) stored by the caller."""
-    stmt = (
-        insert(Message)
-        .values(
-            id=message_id,
-            thread_id=parent.thread_id,
-            user_id=parent.user_id,
-            role=ROLE_ASSISTANT,
-            status=GENERATING,
-            parent_message_id=parent.id,
-            turn=parent.turn,
-            seq=1,
-            model=model,
-            lease_expires_at=func.now() + lease,
-        )
-        .returning(Message)
+    row = await (await _driver(db)).fetchrow(
+        _INSERT_REPLY,
+        message_id,
+        parent.thread_id,
+        parent.user_id,
+        parent.id,
+        parent.turn,
+        model,
+        lease,
     )
-    return (await db.execute(stmt)).scalar_one()
+    reply = _message(row)
+    assert reply is not None
+    return reply
 
 
 async def get_message(
@@ -280,23 +321,18 @@ async def finish(
     usage_estimated: bool,
     error_reason: str,
 ) -> Message | None:
-    stmt = (
-        update(Message)
-        .where(Message.id == message_id, Message.status == GENERATING)
-        .values(
-            content=content,
-            seq=seq,
-            status=status,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            usage_estimated=usage_estimated,
-            error_reason=error_reason,
-            lease_expires_at=None,
-            updated_at=func.now(),
-        )
-        .returning(Message)
+    row = await (await _driver(db)).fetchrow(
+        _FINISH,
+        message_id,
+        content,
+        seq,
+        status,
+        prompt_tokens,
+        completion_tokens,
+        usage_estimated,
+        error_reason,
     )
-    return (await db.execute(stmt)).scalar_one_or_none()
+    return _message(row)
 
 
 async def fail_expired(
@@ -331,19 +367,6 @@ async def fail_expired(
     return list((await db.execute(stmt)).scalars())
 
 
-_INSERT_EVENTS = text(
-    """
-    WITH stored AS (
-      INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
-      VALUES (:message_id, :seq_first, :seq_last, :user_id, :data)
-    )
-    SELECT pg_notify(:channel, n.payload)
-      FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS n(payload, i)
-     ORDER BY n.i
-    """
-)
-
-
 async def insert_events(
     db: AsyncSession,
     *,
@@ -357,17 +380,23 @@ async def insert_events(
 ) -> None:
     """One stored batch of events and, in the same statement, its NOTIFY payloads in order
     (delivered when the transaction commits)."""
-    await db.execute(
-        _INSERT_EVENTS,
-        {
-            "message_id": message_id,
-            "seq_first": seq_first,
-            "seq_last": seq_last,
-            "user_id": user_id,
-            "data": data,
-            "channel": channel,
-            "payloads": payloads,
-        },
+    await (await _driver(db)).execute(
+        """
+        WITH stored AS (
+          INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
+          VALUES ($1, $2, $3, $4, $5)
+        )
+        SELECT pg_notify($6, n.payload)
+          FROM unnest($7::text[]) WITH ORDINALITY AS n(payload, i)
+         ORDER BY n.i
+        """,
+        message_id,
+        seq_first,
+        seq_last,
+        user_id,
+        data,
+        channel,
+        payloads,
     )
 
 
