@@ -41,7 +41,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -149,45 +149,6 @@ class Plan:
     title_model: str
     # The user's first message, when the thread has no title yet and gets a generated one.
     title_input: str | None = None
-
-
-class Upstream:
-    """The model's stream for one reply, read by a task of its own from the moment the plan is
-    known: the request goes out while the transaction that creates the reply is still writing and
-    committing, so those writes are not added to the time to the first token. Deltas that arrive
-    before the generation is ready wait in a list; after that, the reading task hands each one to
-    the generation directly (`run`). `close()` cancels the read, which closes the HTTP response, so
-    the model stops (a cancel, a shutdown, or a transaction that did not commit)."""
-
-    def __init__(self, ai: ChatProvider, plan: Plan):
-        self._sink: Callable[[Any], None] | None = None
-        self._early: list[Any] = []
-        self._task = asyncio.create_task(self._read(ai, plan), name="upstream")
-
-    async def _read(self, ai: ChatProvider, plan: Plan) -> None:
-        stream = ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
-        # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
-        async with contextlib.aclosing(stream) as deltas:
-            async for d in deltas:
-                if self._sink is not None:
-                    self._sink(d)
-                else:
-                    self._early.append(d)
-
-    async def run(self, sink: Callable[[Any], None]) -> None:
-        """Every delta to `sink`, until the stream ends (or its failure is raised here). Cancelling
-        the caller cancels the read."""
-        for d in self._early:
-            sink(d)
-        self._early.clear()
-        self._sink = sink
-        await self._task
-
-    async def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await _uncancellable(self._task, SAVE_TIMEOUT_SECONDS)
 
 
 class Generation:
@@ -424,18 +385,15 @@ class Generator:
 
     # -- running -----------------------------------------------------------------------------------
 
-    async def run(self, gen: Generation, plan: Plan, upstream: Upstream) -> None:
+    async def run(self, gen: Generation, plan: Plan) -> None:
         """The body of the detached task, once the reply's row exists (status GENERATING, seq 1) and
-        `gen` is registered; `upstream` was started with the plan."""
+        `gen` is registered: the model is called only now, after the user's message is saved."""
         self.checkpoints.add(gen)
         status: str | None = COMPLETED
         error: errors.DomainError | None = None
         try:
             try:
-                try:
-                    usage = await self._stream(gen, upstream)
-                finally:
-                    await upstream.close()
+                usage = await self._stream(gen, plan)
                 gen.emit(USAGE, usage=usage or self._estimate(gen, plan))
                 if plan.title_input is not None:
                     await self._title(gen, plan)
@@ -471,20 +429,17 @@ class Generator:
                 gen.final = snapshot(gen.started, status=FAILED, content=gen.content)
                 gen.append(Event(gen.next_seq, DONE, status=FAILED, error=error_to_json(None)))
 
-    def start(self, plan: Plan) -> Upstream:
-        return Upstream(self._ai, plan)
-
-    async def _stream(self, gen: Generation, upstream: Upstream) -> Usage | None:
-        usage: list[Usage] = []
-
-        def sink(d: Any) -> None:
-            if d.text:
-                gen.emit(DELTA, text=d.text)
-            if d.usage is not None:
-                usage.append(Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False))
-
-        await upstream.run(sink)
-        return usage[-1] if usage else None
+    async def _stream(self, gen: Generation, plan: Plan) -> Usage | None:
+        usage = None
+        stream = self._ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
+        # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
+        async with contextlib.aclosing(stream) as deltas:
+            async for d in deltas:
+                if d.text:
+                    gen.emit(DELTA, text=d.text)
+                if d.usage is not None:
+                    usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False)
+        return usage
 
     def _estimate(self, gen: Generation, plan: Plan) -> Usage:
         prompt = sum(estimate_tokens(m.content) + 3 for m in plan.messages)

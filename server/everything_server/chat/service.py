@@ -28,7 +28,6 @@ from everything_server.chat.generation import (
     Generation,
     Generator,
     Plan,
-    Upstream,
     task_key,
 )
 from everything_server.chat.models import GENERATING, ROLE_ASSISTANT, ROLE_USER, Message, Thread
@@ -68,7 +67,6 @@ class _Started:
     user_message: Message
     reply: Message
     plan: Plan | None = None  # None: an idempotent retry of a send that exists already
-    upstream: Upstream | None = None  # the model's stream, started with the plan
     generation: Generation | None = None
 
 
@@ -80,12 +78,6 @@ def _swallow(fut: asyncio.Future) -> None:
     # The RPC that waited for it may be gone; the outcome is saved or logged elsewhere.
     if not fut.cancelled():
         fut.exception()
-
-
-async def _close_all(upstreams: list[Upstream]) -> None:
-    """Close model streams started for rows that were not created after all."""
-    while upstreams:
-        await upstreams.pop().close()
 
 
 def _position_token(turn: int, position: int) -> str:
@@ -217,15 +209,14 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare(started: list[Upstream]) -> _Started:
+        async def prepare() -> _Started:
             for attempt in range(2):
                 try:
                     async with self._db.transaction(p.user_id, p.session_id) as s:
                         return await self._prepare_send(
-                            s, p, reply_id, thread_id, content, client_message_id, model, started
+                            s, p, reply_id, thread_id, content, client_message_id, model
                         )
                 except _ClientIdTaken:
-                    await _close_all(started)
                     if attempt:
                         raise errors.Aborted("a concurrent send used the same client_message_id") from None
             raise AssertionError("unreachable")
@@ -249,9 +240,9 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare(started: list[Upstream]) -> _Started:
+        async def prepare() -> _Started:
             async with self._db.transaction(p.user_id, p.session_id) as s:
-                return await self._prepare_regenerate(s, p, reply_id, message_id, model, started)
+                return await self._prepare_regenerate(s, p, reply_id, message_id, model)
 
         self._gen.spawn(reply_id, self._detached(prepare, setup))
         started = await asyncio.shield(setup)
@@ -325,30 +316,24 @@ class ChatService:
     # -- pieces ------------------------------------------------------------------------------------------
 
     async def _detached(self, prepare, setup: asyncio.Future) -> None:
-        """The detached task: create the rows (answering the RPC through `setup`), then generate.
-        The model's stream starts inside `prepare`, as soon as the plan is known; when the rows are
-        not created after all, it is closed."""
-        upstreams: list[Upstream] = []
+        """The detached task: create the rows (answering the RPC through `setup`), then generate."""
         try:
-            started = await prepare(upstreams)
+            started = await prepare()
         except asyncio.CancelledError:
-            await _close_all(upstreams)
             if not setup.done():
                 setup.set_exception(errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
             return
         except Exception as exc:  # domain errors for the caller; anything else is logged by the RPC
-            await _close_all(upstreams)
             if not setup.done():
                 setup.set_exception(exc)
             return
-        if started.plan is None or started.upstream is None:
-            await _close_all(upstreams)
+        if started.plan is None:
             setup.set_result(started)
             return
         gen = Generation(started.reply)
         self._gen.register(gen)
         setup.set_result(replace(started, generation=gen))
-        await self._gen.run(gen, started.plan, started.upstream)
+        await self._gen.run(gen, started.plan)
 
     async def _prepare_send(
         self,
@@ -359,10 +344,7 @@ class ChatService:
         content: str,
         client_message_id: uuid.UUID | None,
         model: str,
-        upstreams: list[Upstream],
     ) -> _Started:
-        """Reads first (thread, quota, preferences, history), then the model's stream starts, then
-        the writes: the transaction's writes and COMMIT overlap the model's time to first token."""
         if client_message_id is not None:
             existing = await repo.user_message_by_client_id(s, p.user_id, client_message_id)
             if existing is not None:
@@ -379,7 +361,6 @@ class ChatService:
             past = []
         first_turn = not any(role == ROLE_USER for role, _ in past)
         plan = await self._plan(s, p, thread, content, past, first_turn, model)
-        upstreams.append(self._gen.start(plan))
         user_message = await repo.insert_user_message(
             s, user_id=p.user_id, thread_id=thread.id, content=content, client_message_id=client_message_id
         )
@@ -388,7 +369,7 @@ class ChatService:
         reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
         if thread_id is not None:  # a new thread was created in this transaction: it is fresh
             thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
-        return _Started(thread, user_message, reply, plan, upstreams[-1])
+        return _Started(thread, user_message, reply, plan)
 
     async def _existing(
         self, s, p: Principal, user_message: Message, thread_id: uuid.UUID | None, content: str
@@ -413,7 +394,6 @@ class ChatService:
         reply_id: uuid.UUID,
         message_id: uuid.UUID,
         model: str,
-        upstreams: list[Upstream],
     ) -> _Started:
         row = await repo.get_message(s, p.user_id, message_id)
         if row is None:
@@ -438,10 +418,9 @@ class ChatService:
         )
         first_turn = await repo.is_first_turn(s, thread.id, user_message.turn)
         plan = await self._plan(s, p, thread, user_message.content, past, first_turn, model)
-        upstreams.append(self._gen.start(plan))
         reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
         thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
-        return _Started(thread, user_message, reply, plan, upstreams[-1])
+        return _Started(thread, user_message, reply, plan)
 
     async def _plan(
         self,
