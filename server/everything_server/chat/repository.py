@@ -49,11 +49,22 @@ _INSERT_USER_MESSAGE = f"""
     RETURNING {_MESSAGE_COLUMNS}
 """  # noqa: S608
 
-_INSERT_REPLY = f"""
-    INSERT INTO messages
-      (id, thread_id, user_id, role, status, parent_message_id, turn, seq, model, lease_expires_at)
-    VALUES ($1, $2, $3, '{ROLE_ASSISTANT}', '{GENERATING}', $4, $5, 1, $6, now() + $7::interval)
-    RETURNING {_MESSAGE_COLUMNS}
+_THREAD_AS = ", ".join(f"t.{c.name} AS touched_{c.name}" for c in Thread.__table__.columns)
+_START_REPLY = f"""
+    WITH r AS (
+      INSERT INTO messages
+        (id, thread_id, user_id, role, status, parent_message_id, turn, seq, model, lease_expires_at)
+      VALUES ($1, $2, $3, '{ROLE_ASSISTANT}', '{GENERATING}', $4, $5, 1, $6, now() + $7::interval)
+      RETURNING {_MESSAGE_COLUMNS}
+    ), e AS (
+      INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
+      SELECT id, 1, 1, user_id, $8 FROM r
+    ), t AS (
+      UPDATE threads SET updated_at = now() WHERE $9 AND id = $2 AND user_id = $3
+      RETURNING {_THREAD_COLUMNS}
+    )
+    SELECT r.*, {_THREAD_AS}, pg_notify($10, $8)::text AS notified
+      FROM r LEFT JOIN t ON true
 """  # noqa: S608
 
 _FINISH = f"""
@@ -169,17 +180,21 @@ async def insert_user_message(
     return _message(row)
 
 
-async def insert_reply(
+async def start_reply(
     db: AsyncSession,
     *,
     message_id: uuid.UUID,
     parent: Message,
     model: str,
     lease: timedelta,
-) -> Message:
-    """The assistant message, GENERATING, with its first event (seq 1) stored by the caller."""
+    first_events: str,
+    channel: str,
+    touch_thread: bool,
+) -> tuple[Message, Thread | None]:
+    """One statement: the assistant message, GENERATING at seq 1, its first stored events (and their
+    NOTIFY, sent at commit), and with `touch_thread` the thread's updated_at (the thread returned)."""
     row = await (await _driver(db)).fetchrow(
-        _INSERT_REPLY,
+        _START_REPLY,
         message_id,
         parent.thread_id,
         parent.user_id,
@@ -187,10 +202,15 @@ async def insert_reply(
         parent.turn,
         model,
         lease,
+        first_events,
+        touch_thread,
+        channel,
     )
-    reply = _message(row)
-    assert reply is not None
-    return reply
+    reply = Message(**{c.name: row[c.name] for c in Message.__table__.columns})
+    thread = None
+    if row["touched_id"] is not None:
+        thread = Thread(**{c.name: row[f"touched_{c.name}"] for c in Thread.__table__.columns})
+    return reply, thread
 
 
 async def get_message(

@@ -21,13 +21,14 @@ from everything_server import errors
 from everything_server.ai.provider import ChatMessage, ChatProvider
 from everything_server.background import Background
 from everything_server.chat import repository as repo
-from everything_server.chat.events import DONE, START, TITLE, Event, Usage, error_from_json
+from everything_server.chat.events import DONE, START, TITLE, Event, Usage, encode_batch, error_from_json
 from everything_server.chat.generation import (
     LEASE,
     QUOTA_KIND,
     Generation,
     Generator,
     Plan,
+    channel,
     task_key,
 )
 from everything_server.chat.models import GENERATING, ROLE_ASSISTANT, ROLE_USER, Message, Thread
@@ -366,9 +367,9 @@ class ChatService:
         )
         if user_message is None:
             raise _ClientIdTaken
-        reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
-        if thread_id is not None:  # a new thread was created in this transaction: it is fresh
-            thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
+        # A thread created in this transaction is fresh already: no need to touch it.
+        reply, touched = await self._start_reply(s, user_message, reply_id, plan.model, thread_id is not None)
+        thread = touched or thread
         return _Started(thread, user_message, reply, plan)
 
     async def _existing(
@@ -418,8 +419,8 @@ class ChatService:
         )
         first_turn = await repo.is_first_turn(s, thread.id, user_message.turn)
         plan = await self._plan(s, p, thread, user_message.content, past, first_turn, model)
-        reply = await self._insert_reply(s, p, user_message, reply_id, plan.model)
-        thread = await repo.touch_thread(s, user_id=p.user_id, thread_id=thread.id) or thread
+        reply, touched = await self._start_reply(s, user_message, reply_id, plan.model, True)
+        thread = touched or thread
         return _Started(thread, user_message, reply, plan)
 
     async def _plan(
@@ -445,13 +446,20 @@ class ChatService:
             title_input=user_text if thread.title == "" and first_turn else None,
         )
 
-    async def _insert_reply(
-        self, s, p: Principal, user_message: Message, reply_id: uuid.UUID, model: str
-    ) -> Message:
-        """The assistant row, GENERATING, with its first event."""
-        reply = await repo.insert_reply(s, message_id=reply_id, parent=user_message, model=model, lease=LEASE)
-        await self._gen.store(s, p.user_id, reply.id, [Event(1, START)])
-        return reply
+    async def _start_reply(
+        self, s, user_message: Message, reply_id: uuid.UUID, model: str, touch_thread: bool
+    ) -> tuple[Message, Thread | None]:
+        """The assistant row, GENERATING, with its first event (and the thread touched)."""
+        return await repo.start_reply(
+            s,
+            message_id=reply_id,
+            parent=user_message,
+            model=model,
+            lease=LEASE,
+            first_events=encode_batch([Event(1, START)]),
+            channel=channel(reply_id),
+            touch_thread=touch_thread,
+        )
 
     async def _relay(
         self, p: Principal, reply: Message, gen: Generation | None, after_seq: int, *, raise_failure: bool
