@@ -26,6 +26,7 @@ from everything_server.container import Container
 from everything_server.db import migrate
 from everything_server.image import wiring as image_wiring
 from everything_server.preferences import wiring as preferences_wiring
+from everything_server.rpc.admission import LoopLagMonitor
 from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from everything_server.search import wiring as search_wiring
 
@@ -88,6 +89,7 @@ class App:
         self._draining = False
         self._watcher: asyncio.Task | None = None
         self._owns_container = container is None
+        self.loop_lag: LoopLagMonitor | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -97,6 +99,7 @@ class App:
         if s.migrate_on_start:
             await migrate.upgrade_async(c.migration_url)
         await c.start()
+        self.loop_lag = LoopLagMonitor(metrics=c.metrics, warn_above=s.max_loop_lag_ms / 1000)
         self.server = grpc.aio.server(
             interceptors=[
                 ServerInterceptor(
@@ -105,10 +108,12 @@ class App:
                     metrics=c.metrics,
                     ready=lambda: self.db_ready,
                     tracing=c.tracing,
+                    loop_lag=self.loop_lag,
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,
                         max_streams_per_process=s.max_streams_per_process,
+                        max_loop_lag_seconds=s.max_loop_lag_ms / 1000,
                         unary_timeout_seconds=s.unary_timeout_seconds,
                     ),
                 )
@@ -136,6 +141,7 @@ class App:
         self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
+        self.loop_lag.start()
         await self.server.start()
         await self._check_health()
         self._watcher = asyncio.create_task(self._watch_health(), name="health-watcher")
@@ -203,6 +209,8 @@ class App:
         if self.server is not None:
             waits.append(self.server.stop(grace))
         await asyncio.gather(*waits)
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
         if self.container is not None and self._owns_container:
             await self.container.aclose()
         log.info("stopped")

@@ -21,14 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from everything_server import errors
 from everything_server.db import Database
 
-_HIT = text(
-    """
+# Run on the driver connection (asyncpg placeholders): one statement per call of every user.
+_HIT = """
     INSERT INTO rate_limit_windows AS w (key, window_start, hits)
-    VALUES (:key, to_timestamp(floor(extract(epoch FROM now()) / :win) * :win), 1)
+    VALUES ($1, to_timestamp(floor(extract(epoch FROM now()) / $2) * $2), 1)
     ON CONFLICT (key, window_start) DO UPDATE SET hits = w.hits + 1
-    RETURNING w.hits, extract(epoch FROM (w.window_start + make_interval(secs => :win) - now()))::float8 AS left
+    RETURNING w.hits, extract(epoch FROM (w.window_start + make_interval(secs => $2) - now()))::float8 AS left
     """
-)
 _RESERVE = text(
     """
     INSERT INTO usage_counters AS u (user_id, day, kind, amount)
@@ -103,8 +102,8 @@ class Limits:
 
     async def hit(self, key: str, *, limit: int, window_seconds: int, subject: str, what: str) -> None:
         """Count one request against `key`; refuse when the window already holds `limit`."""
-        async with self._db.autocommit() as conn:
-            hits, left = (await conn.execute(_HIT, {"key": key, "win": window_seconds})).one()
+        async with self._db.driver() as conn:
+            hits, left = await conn.fetchrow(_HIT, key, window_seconds)
         if hits > limit:
             raise errors.ResourceExhausted(
                 f"too many requests: at most {limit} {what} per {window_seconds} s",

@@ -52,6 +52,24 @@ class Metrics:
         self.limit_refusals = Counter(
             "everything_limit_refusals_total", "Calls refused by a limit or cap", ["reason"], registry=r
         )
+        self.overload_refusals = Counter(
+            "everything_overload_refusals_total",
+            "New streams refused by admission control (SERVER_OVERLOADED), by cause: the process's "
+            "stream cap (streams) or a late event loop (loop_lag)",
+            ["cause"],
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "everything_event_loop_lag_seconds",
+            "How late the event loop runs its timers, smoothed (admission control refuses new "
+            "streams above EVERYTHING_MAX_LOOP_LAG_MS)",
+            registry=r,
+        )
+        self.loop_busy = Gauge(
+            "everything_event_loop_busy_ratio",
+            "Share of wall time the event loop's thread spends on the CPU, smoothed",
+            registry=r,
+        )
         self.upstream_ttft = Histogram(
             "everything_upstream_ttft_seconds",
             "Time to the model's first token",
@@ -75,14 +93,23 @@ class Metrics:
             registry=r,
         )
         self._server = None
+        # Labelled children by label values: `labels()` costs a lock and a lookup on every call.
+        self._rpc_children: dict[tuple[str, str], tuple] = {}
 
     # -- hooks ------------------------------------------------------------------------------------
 
     def rpc_done(self, method: str, code: str, seconds: float, reason: str | None = None) -> None:
-        self.rpc_total.labels(method, code).inc()
-        self.rpc_seconds.labels(method).observe(seconds)
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = (self.rpc_total.labels(method, code), self.rpc_seconds.labels(method))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if reason in LIMIT_REASONS:
             self.limit_refusals.labels(reason).inc()
+
+    def overload_refused(self, cause: str) -> None:
+        self.overload_refusals.labels(cause).inc()
 
     def first_token(self, model: str, started: float) -> None:
         self.upstream_ttft.labels(model).observe(time.perf_counter() - started)

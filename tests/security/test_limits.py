@@ -221,3 +221,199 @@ async def test_stream_caps_refuse_at_once(capped_server):
     again = stream(b"", metadata=_md(3))
     assert await again.read() == b"tick"
     again.cancel()
+
+
+# -- admission control: a full or late process refuses new streams at once --------------------------
+
+
+class _SlowLimits:
+    """Stands for the rate-limit round trip of a loaded database: slow, and counted."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.calls = 0
+
+    async def hit(self, *args, **kwargs) -> None:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+
+
+def _generic(interceptor: ServerInterceptor) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Caps",
+                {
+                    "Sleep": grpc.unary_unary_rpc_method_handler(_sleep_unary),
+                    "Stream": grpc.unary_stream_rpc_method_handler(_slow_stream),
+                },
+            )
+        ]
+    )
+    return server
+
+
+async def _serve(server: grpc.aio.Server):
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+async def test_a_full_process_refuses_before_the_token_check_and_the_rate_limit_round_trip():
+    limits = _SlowLimits(delay=2.0)
+    caps = Caps(max_streams_per_user=10, max_streams_per_process=1, rate_limit_per_minute=10**6)
+    server = _generic(ServerInterceptor(_verify, caps=caps, limits=limits))
+    ch = await _serve(server)
+    try:
+        stream = ch.unary_stream("/test.Caps/Stream")
+        first = stream(b"", metadata=_md(1))
+        assert await first.read() == b"tick"
+        assert limits.calls == 1
+        start = time.perf_counter()
+        d = await expect_error(stream(b"", metadata=_md(2)).read(), EXHAUSTED, "SERVER_OVERLOADED")
+        elapsed = time.perf_counter() - start
+        # RetryInfo: come back in 1-2 s (spread, so refused clients do not return together).
+        assert d.retry_after is not None and 1.0 <= d.retry_after <= 2.0
+        assert d.metadata.get("request_id")
+        # Refused without waiting for the (slow) rate-limit round trip: it was never made.
+        assert limits.calls == 1
+        assert elapsed < 1.5
+        # Even a caller without a token is told the server is full, not asked to authenticate first.
+        await expect_error(stream(b"").read(), EXHAUSTED, "SERVER_OVERLOADED")
+        # Unary calls are not refused by the stream cap.
+        assert await ch.unary_unary("/test.Caps/Sleep")(b"0", metadata=_md(3)) == b"done"
+        first.cancel()
+    finally:
+        await ch.close()
+        await server.stop(0)
+
+
+class _LoopHog:
+    """Blocks the running event loop for `block` seconds every `every` seconds (a CPU-bound
+    overload, as many busy streams would cause)."""
+
+    def __init__(self, block: float, every: float):
+        self.block, self.every = block, every
+        self._handle: asyncio.TimerHandle | None = None
+
+    def _tick(self) -> None:
+        time.sleep(self.block)
+        self._handle = asyncio.get_running_loop().call_later(self.every, self._tick)
+
+    def start(self) -> None:
+        self._handle = asyncio.get_running_loop().call_later(self.every, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_late_event_loop_refuses_new_streams_while_unary_calls_go_on():
+    from everything_server.metrics import Metrics
+    from everything_server.rpc.admission import LoopLagMonitor
+
+    metrics = Metrics()
+    monitor = LoopLagMonitor(interval=0.02, metrics=metrics)
+    caps = Caps(max_streams_per_user=10, max_streams_per_process=100, max_loop_lag_seconds=0.05)
+    server = _generic(ServerInterceptor(_verify, caps=caps, metrics=metrics, loop_lag=monitor))
+    ch = await _serve(server)
+    monitor.start()
+    hog = _LoopHog(block=0.15, every=0.02)
+    try:
+        stream = ch.unary_stream("/test.Caps/Stream")
+        sleep = ch.unary_unary("/test.Caps/Sleep")
+        # An idle loop admits streams.
+        await _until(lambda: monitor.lag < 0.01, 5, "an idle loop")
+        ok = stream(b"", metadata=_md(1))
+        assert await ok.read() == b"tick"
+        ok.cancel()
+
+        hog.start()
+        await _until(lambda: monitor.lag > 0.05, 10, "the lag to pass the threshold")
+        d = await expect_error(stream(b"", metadata=_md(2)).read(), EXHAUSTED, "SERVER_OVERLOADED")
+        assert d.retry_after is not None and 1.0 <= d.retry_after <= 2.0
+        # Unary calls still get served (slowly: the loop is busy), and streams already open go on.
+        assert await sleep(b"0", metadata=_md(3)) == b"done"
+        assert metrics.overload_refusals.labels("loop_lag")._value.get() == 1
+        assert metrics.loop_lag._value.get() > 0.05
+
+        hog.stop()
+        await _until(lambda: monitor.lag < 0.05, 10, "the lag to fall back")
+        again = stream(b"", metadata=_md(2))
+        assert await again.read() == b"tick"
+        again.cancel()
+    finally:
+        hog.stop()
+        await monitor.stop()
+        await ch.close()
+        await server.stop(0)
+
+
+def test_the_loop_lag_is_smoothed_so_one_pause_does_not_refuse_for_long():
+    from everything_server.rpc.admission import LoopLagMonitor
+
+    m = LoopLagMonitor(smoothing=0.2)
+    m.observe(1.5)  # one long pause (a blocking call, a slow garbage collection) counts as 250 ms
+    assert m.lag == pytest.approx(0.05)
+    m.observe(0.0)
+    assert m.lag < 0.05
+    # A loop that is late on every wake-up crosses the threshold within a few samples.
+    for _ in range(3):
+        m.observe(0.2)
+    assert m.lag > 0.05
+    for _ in range(10):
+        m.observe(0.2)
+    assert m.lag > 0.18
+    m.observe(-0.001)  # a timer that fired early counts as on time
+    assert m.last == 0.0 and m.peak == 1.5
+
+
+async def test_the_server_refuses_streams_past_its_cap_and_says_so_in_metrics(settings_env):
+    """The real app: settings → caps, the loop lag gauge, refusals counted by cause."""
+    from everything.chat.v1 import chat_service_pb2 as chat_pb
+    from everything.chat.v1 import chat_service_pb2_grpc
+    from everything_server.app import App
+    from tests.conftest import make_settings
+    from tests.test_metrics import scrape
+
+    env = {**settings_env, "EVERYTHING_MAX_STREAMS_PER_PROCESS": "1", "EVERYTHING_MAX_LOOP_LAG_MS": "250"}
+    server = App(make_settings(env, metrics_port=0))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            auth = auth_service_pb2_grpc.AuthServiceStub(ch)
+            chat = chat_service_pb2_grpc.ChatServiceStub(ch)
+            user = await sign_up(auth)
+            first = chat.SendMessage(
+                chat_pb.SendMessageRequest(content="admission [mock:tokens=30 rate=20]"), metadata=user.md
+            )
+            await first.read()
+            start = time.perf_counter()
+            second = chat.SendMessage(chat_pb.SendMessageRequest(content="admission"), metadata=user.md)
+            d = await expect_error(second.read(), EXHAUSTED, "SERVER_OVERLOADED")
+            assert time.perf_counter() - start < 2
+            assert d.retry_after is not None and d.retry_after >= 1
+            await auth.GetCurrentUser(pb.GetCurrentUserRequest(), metadata=user.md)
+            while await first.read() is not grpc.aio.EOF:  # the admitted stream runs to its end
+                pass
+            m = await asyncio.to_thread(scrape, server.metrics_port)
+            assert m[("everything_overload_refusals_total", (("cause", "streams"),))] == 1
+            assert m[("everything_limit_refusals_total", (("reason", "SERVER_OVERLOADED"),))] == 1
+            assert 0 <= m[("everything_event_loop_lag_seconds", ())] < 0.25
+            # With the stream finished, its slot is free again.
+            third = chat.SendMessage(
+                chat_pb.SendMessageRequest(content="admission [mock:tokens=2]"), metadata=user.md
+            )
+            async for _ in third:
+                pass
+    finally:
+        await server.stop(grace=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -41,8 +41,13 @@ async def user_by_email(db: AsyncSession, email: str) -> User | None:
     return (await db.execute(select(User).where(User.email == email))).scalar_one_or_none()
 
 
+# Built once: every authenticated call of GetCurrentUser runs it, and a statement object that is
+# reused has its compiled-cache key worked out once, not on every call.
+_USER_BY_ID = select(User).where(User.id == bindparam("user_id"))
+
+
 async def user_by_id(db: AsyncSession, user_id: uuid.UUID) -> User | None:
-    return (await db.execute(select(User).where(User.id == user_id))).scalar_one_or_none()
+    return (await db.execute(_USER_BY_ID, {"user_id": user_id})).scalar_one_or_none()
 
 
 async def set_password_hash(db: AsyncSession, user_id: uuid.UUID, password_hash: str) -> None:

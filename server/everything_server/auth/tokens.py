@@ -4,12 +4,20 @@ Access tokens carry iss, aud, sub (user id), sid (session id), exp, iat, jti and
 name their signing key in the `kid` header. Several keys verify, the first signs, so keys rotate by
 adding a new key in front and dropping the old one once its tokens have expired.
 Refresh tokens are 256 random bits; only their SHA-256 is stored.
+
+Verifying an access token (two JSON parses and an HMAC in PyJWT) was the largest single cost of a
+unary call, and a client sends the same token for up to its lifetime. So a verified token's result
+is remembered, by the SHA-256 of the token (the token itself is not kept), until the token's `exp`:
+verification is a pure function of the token, the keys and the clock, and the clock is checked on
+every use. Revocation does not depend on this: every call's transaction checks that the session is
+still live (db.Database.transaction).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -20,12 +28,24 @@ from everything_server.rpc.context import Principal
 
 ALGORITHM = "HS256"
 ACCESS_TYPE = "access"
+VERIFIED_CACHE_SIZE = 10_000
 
 
 class TokenService:
-    def __init__(self, keys: list[tuple[str, str]], *, issuer: str, audience: str, access_ttl: timedelta):
+    def __init__(
+        self,
+        keys: list[tuple[str, str]],
+        *,
+        issuer: str,
+        audience: str,
+        access_ttl: timedelta,
+        cache_size: int = VERIFIED_CACHE_SIZE,
+    ):
         if not keys:
             raise ValueError("at least one signing key is needed")
+        # SHA-256 of a verified token -> (the caller, its exp); oldest entries go first when full.
+        self._verified: dict[bytes, tuple[Principal, float]] = {}
+        self._cache_size = cache_size
         self._keys = dict(keys)
         self._signing_kid = keys[0][0]
         self._issuer = issuer
@@ -56,9 +76,22 @@ class TokenService:
         return token, datetime.fromtimestamp(claims["exp"], UTC)
 
     def verify_access(self, token: str) -> Principal:
-        invalid = errors.Unauthenticated("the access token is not valid", reason="TOKEN_INVALID")
         if len(token) > 4096:
-            raise invalid
+            raise errors.Unauthenticated("the access token is not valid", reason="TOKEN_INVALID")
+        digest = hashlib.sha256(token.encode()).digest()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            if time.time() < hit[1]:
+                return hit[0]
+            del self._verified[digest]  # expired: the full check below says so
+        principal, exp = self._verify(token)
+        if len(self._verified) >= self._cache_size:
+            del self._verified[next(iter(self._verified))]
+        self._verified[digest] = (principal, exp)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        invalid = errors.Unauthenticated("the access token is not valid", reason="TOKEN_INVALID")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -82,7 +115,8 @@ class TokenService:
         if claims.get("typ") != ACCESS_TYPE:
             raise invalid
         try:
-            return Principal(user_id=uuid.UUID(claims["sub"]), session_id=uuid.UUID(claims["sid"]))
+            principal = Principal(user_id=uuid.UUID(claims["sub"]), session_id=uuid.UUID(claims["sid"]))
+            return principal, float(claims["exp"])
         except (ValueError, TypeError, AttributeError):
             raise invalid from None
 

@@ -3,18 +3,22 @@
 Every unit of work on behalf of a user starts with `set_config('app.user_id', <id>, true)`: the
 setting is transaction-local, so it can never leak to the next user of a pooled connection, and
 row-level security policies can rely on it. The same round trip checks that the caller's session is
-still live, so a revoked session's access token stops working at once, on every replica.
+still live, so a revoked session's access token stops working at once, on every replica. BEGIN
+goes out in that same round trip (`_begin_as_caller`): a unary call's transaction costs BEGIN+caller,
+its statements and COMMIT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
+import asyncpg
 from opentelemetry import trace
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -37,6 +41,84 @@ _SET_CALLER = text(
 _SET_USER = text("SELECT set_config('app.user_id', :uid, true)")
 
 
+def _session_ended() -> errors.Unauthenticated:
+    return errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
+
+
+async def _after_driver_error(conn: AsyncConnection, driver: asyncpg.Connection, exc: BaseException) -> None:
+    """A statement sent on the driver connection (past SQLAlchemy, which would otherwise judge the
+    connection) failed or was cancelled. A connection that is gone, or that may still be busy with
+    a cancelled statement, leaves the pool (the next user would get "another operation is in
+    progress"), and a connection problem becomes DATABASE_UNAVAILABLE, as on the SQLAlchemy path
+    (which wraps asyncpg's InterfaceError as a connection error too)."""
+    broken = is_connection_error(exc) or isinstance(exc, asyncpg.InterfaceError) or driver.is_closed()
+    if broken or not isinstance(exc, Exception):
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+    if broken and isinstance(exc, Exception):
+        raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+
+
+class _Begun:
+    """Stands, for SQLAlchemy's asyncpg adapter, for a transaction begun by `_begin_as_caller`:
+    the adapter ends a transaction by calling commit() or rollback() on it."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: asyncpg.Connection):
+        self._conn = conn
+
+    async def commit(self) -> None:
+        await self._conn.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        await self._conn.execute("ROLLBACK")
+
+
+async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id: uuid.UUID | None) -> bool:
+    """BEGIN, set the caller and check the session in one round trip instead of two.
+
+    SQLAlchemy's asyncpg adapter sends BEGIN by itself before a transaction's first statement, so
+    setting the caller used to cost a round trip for BEGIN and one for set_config. Here both go in
+    one simple-protocol query; the ids are inlined, which is safe because they are UUIDs written by
+    uuid.UUID (hex digits and dashes only). `SELECT ... WHERE live` answers "SELECT 1" for a live
+    session and "SELECT 0" for an ended one. The adapter is then told that its transaction has begun
+    (its private `_transaction`), so COMMIT and ROLLBACK go out as usual, on success or error.
+
+    False (nothing done) when the adapter is not the one this was written for, or already in a
+    transaction: the caller then takes the SQLAlchemy path."""
+    raw = await conn.get_raw_connection()
+    adapter = raw.dbapi_connection
+    if (
+        getattr(adapter, "_transaction", False) is not None
+        or getattr(adapter, "isolation_level", "?") is not None
+        or getattr(adapter, "readonly", True)
+        or getattr(adapter, "deferrable", True)
+        or not isinstance(user_id, uuid.UUID)
+        or not isinstance(session_id, uuid.UUID | None)
+    ):
+        return False
+    driver: asyncpg.Connection = adapter._connection
+    uid = str(user_id)
+    if session_id is None:
+        query = f"BEGIN; SELECT set_config('app.user_id', '{uid}', true)"
+    else:
+        query = (
+            f"BEGIN; SELECT set_config('app.user_id', '{uid}', true) "
+            f"WHERE app_session_is_live('{session_id}'::uuid, '{uid}'::uuid)"
+        )
+    # From here on the transaction is the adapter's to end (ROLLBACK is harmless if BEGIN failed).
+    adapter._transaction = _Begun(driver)
+    try:
+        status = await driver.execute(query)
+    except BaseException as exc:
+        await _after_driver_error(conn, driver, exc)
+        raise
+    if session_id is not None and status != "SELECT 1":
+        raise _session_ended()
+    return True
+
+
 def asyncpg_url(url: str) -> str:
     """Accept plain postgres:// URLs and point SQLAlchemy at asyncpg."""
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
@@ -55,6 +137,11 @@ _DISCONNECT_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 def is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError)):
         return True
+    # asyncpg's own errors, from statements run on the driver connection (`Database.driver`).
+    if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (getattr(exc, "sqlstate", None) or "").startswith(_DISCONNECT_SQLSTATES)
     if isinstance(exc, DBAPIError):
         sqlstate = getattr(exc.orig, "sqlstate", None) or ""
         return exc.connection_invalidated or sqlstate.startswith(_DISCONNECT_SQLSTATES)
@@ -123,22 +210,29 @@ class Database:
     ) -> AsyncIterator[AsyncSession]:
         """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
         the caller's sign-in session must still be live or `Unauthenticated` is raised."""
-        with _unavailable_on_disconnect(), self.tracer.start_as_current_span("db.transaction"):
+        span = (
+            contextlib.nullcontext()
+            if isinstance(self.tracer, trace.NoOpTracer)
+            else self.tracer.start_as_current_span("db.transaction")
+        )
+        with _unavailable_on_disconnect(), span:
             async with self.sessionmaker.begin() as session:
                 if self.metrics is not None:
                     waited = time.perf_counter()
-                    await session.connection()
+                    conn = await session.connection()
                     self.metrics.db_pool_wait.observe(time.perf_counter() - waited)
-                if user_id is not None and session_id is not None:
-                    row = (
-                        await session.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})
-                    ).one()
-                    if not row.live:
-                        raise errors.Unauthenticated(
-                            "the session has ended; sign in again", reason="SESSION_REVOKED"
-                        )
-                elif user_id is not None:
-                    await session.execute(_SET_USER, {"uid": str(user_id)})
+                else:
+                    conn = await session.connection()
+                if user_id is not None and not await _begin_as_caller(conn, user_id, session_id):
+                    # The driver path was not available: the same statements through SQLAlchemy.
+                    if session_id is not None:
+                        row = (
+                            await conn.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})
+                        ).one()
+                        if not row.live:
+                            raise _session_ended()
+                    else:
+                        await conn.execute(_SET_USER, {"uid": str(user_id)})
                 yield session
 
     async def patiently(self, work: Callable[[], Awaitable[T]], *, patience: float) -> T:
@@ -165,6 +259,22 @@ class Database:
         with _unavailable_on_disconnect():
             async with self.engine.connect() as conn:
                 yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @asynccontextmanager
+    async def driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection's own asyncpg connection, outside any transaction (each statement
+        commits by itself), for hot single statements that touch no user rows (rate-limit counters):
+        none of SQLAlchemy's per-statement work, and the statement stays prepared on the connection.
+        A connection that failed is dropped from the pool."""
+        with _unavailable_on_disconnect():
+            async with self.engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                try:
+                    yield driver
+                except BaseException as exc:
+                    await _after_driver_error(conn, driver, exc)
+                    raise
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
 import time
 import uuid
@@ -78,12 +79,20 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Caps:
-    """Per-process caps. Past them a call is refused at once instead of queueing."""
+    """Per-process caps. Past them a call is refused at once instead of queueing (rpc.admission)."""
 
     rate_limit_per_minute: int = 600
     max_streams_per_user: int = 8
-    max_streams_per_process: int = 2000
+    max_streams_per_process: int = 500
+    # New streams are refused while the smoothed event-loop lag is above this; 0 turns it off.
+    max_loop_lag_seconds: float = 0.1
     unary_timeout_seconds: float = 30.0
+
+
+def _retry_after() -> float:
+    """When an overloaded server asks to be called again: 1-2 s, spread so that refused clients do
+    not all come back in the same instant."""
+    return 1.0 + random.random()  # noqa: S311 - jitter, not a secret
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -96,8 +105,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         metrics: Metrics | None = None,
         ready: Callable[[], bool] | None = None,
         tracing: Tracing | None = None,
+        loop_lag: Callable[[], float] | None = None,
     ):
         self._tracing = tracing
+        self._loop_lag = loop_lag  # seconds the event loop runs late (rpc.admission.LoopLagMonitor)
         self._ready = ready  # False while the database is unreachable or not migrated
         self._verify = verify_access_token
         self._limits = limits
@@ -131,6 +142,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     span.__enter__()
                     context.set_trailing_metadata((("x-request-id", rid),))
+                    self._check_ready()
                     await self._admit(method, request, auth_header, public)
                     try:
                         async with asyncio.timeout(self._caps.unary_timeout_seconds):
@@ -160,17 +172,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid)
                 span = self._span(method, md)
+                slot = False
                 try:
                     span.__enter__()
+                    self._check_ready()
+                    # Before anything that costs (token check, rate-limit round trip): a refusal
+                    # must stay cheap and fast exactly when the process is overloaded.
+                    self._take_stream_slot()
+                    slot = True
                     await context.send_initial_metadata((("x-request-id", rid),))
                     await self._admit(method, request, auth_header, public)
-                    with self._stream_slot():
+                    with self._user_stream_slot():
                         async for item in stream_behavior(request, context):
                             yield item
                 except BaseException as exc:  # noqa: BLE001
                     code, reason = _code_for(exc), getattr(exc, "reason", None)
                     await self._handle(exc, context, rid, method)
                 finally:
+                    if slot:
+                        self._release_stream_slot()
                     self._exit(tokens, method, code, start, rid, reason)
                     _end_span(span, code)
 
@@ -187,9 +207,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return (ctx.set_request_id(rid), ctx.set_principal(None))
 
     async def _admit(self, method: str, request, auth_header: str, public: bool) -> None:
-        """What every call passes before its handler: a ready database, the caller, the caller's
-        rate limit, and a request that decoded."""
-        self._check_ready()
+        """What every call passes before its handler, after the database readiness check (and for
+        streams, a slot): the caller, the caller's rate limit, and a request that decoded."""
         self._authenticate(auth_header, public)
         await self._rate_limit(method)
         _check_decoded(request)
@@ -246,38 +265,59 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             what=f"calls to {service}",
         )
 
+    def _take_stream_slot(self) -> None:
+        """Admission of a new stream: refused at once while the process is full or its event loop
+        is late; else one of the process's stream slots is taken (give it back with
+        `_release_stream_slot`)."""
+        caps = self._caps
+        if self._streams >= caps.max_streams_per_process:
+            self._overloaded("streams")
+        if (
+            self._loop_lag is not None
+            and caps.max_loop_lag_seconds > 0
+            and self._loop_lag() > caps.max_loop_lag_seconds
+        ):
+            self._overloaded("loop_lag")
+        self._streams += 1
+        if self._metrics is not None:
+            self._metrics.active_streams.inc()
+
+    def _release_stream_slot(self) -> None:
+        self._streams -= 1
+        if self._metrics is not None:
+            self._metrics.active_streams.dec()
+
+    def _overloaded(self, cause: str):
+        if self._metrics is not None:
+            self._metrics.overload_refused(cause)
+        raise errors.ResourceExhausted(
+            "the server is at capacity; retry shortly", reason="SERVER_OVERLOADED", retry_after=_retry_after()
+        )
+
     @contextmanager
-    def _stream_slot(self) -> Iterator[None]:
+    def _user_stream_slot(self) -> Iterator[None]:
         p = ctx.optional_principal()
-        if self._streams >= self._caps.max_streams_per_process:
-            raise errors.ResourceExhausted(
-                "the server is at capacity; retry shortly", reason="SERVER_OVERLOADED", retry_after=1.0
-            )
         user = p.user_id if p else None
-        if user is not None and self._streams_by_user.get(user, 0) >= self._caps.max_streams_per_user:
+        if user is None:
+            yield
+            return
+        held = self._streams_by_user.get(user, 0)
+        if held >= self._caps.max_streams_per_user:
             raise errors.ResourceExhausted(
                 f"at most {self._caps.max_streams_per_user} open streams per user",
                 reason="TOO_MANY_STREAMS",
                 retry_after=1.0,
                 violations=[errors.QuotaViolation(f"user:{user}", "concurrent streams")],
             )
-        self._streams += 1
-        if self._metrics is not None:
-            self._metrics.active_streams.inc()
-        if user is not None:
-            self._streams_by_user[user] = self._streams_by_user.get(user, 0) + 1
+        self._streams_by_user[user] = held + 1
         try:
             yield
         finally:
-            self._streams -= 1
-            if self._metrics is not None:
-                self._metrics.active_streams.dec()
-            if user is not None:
-                left = self._streams_by_user[user] - 1
-                if left:
-                    self._streams_by_user[user] = left
-                else:
-                    del self._streams_by_user[user]
+            left = self._streams_by_user[user] - 1
+            if left:
+                self._streams_by_user[user] = left
+            else:
+                del self._streams_by_user[user]
 
     async def _handle(self, exc: BaseException, context, rid: str, method: str) -> None:
         if isinstance(exc, errors.DomainError):
