@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     # Admission control (rpc.admission): a new stream is refused (SERVER_OVERLOADED, RetryInfo) while
     # the process holds this many open streams, or while its event loop runs more than
     # max_loop_lag_ms late (smoothed; 0 turns the lag check off). Unary calls are not refused by it.
-    max_streams_per_process: int = Field(500, ge=1, le=1_000_000)
+    max_streams_per_process: int = Field(2000, ge=1, le=1_000_000)
     max_loop_lag_ms: float = Field(100.0, ge=0, le=60_000)
     unary_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     # Comma-separated CIDRs of proxies (Envoy) whose X-Forwarded-For is believed.

@@ -83,7 +83,7 @@ class Caps:
 
     rate_limit_per_minute: int = 600
     max_streams_per_user: int = 8
-    max_streams_per_process: int = 500
+    max_streams_per_process: int = 2000
     # New streams are refused while the smoothed event-loop lag is above this; 0 turns it off.
     max_loop_lag_seconds: float = 0.1
     unary_timeout_seconds: float = 30.0
