@@ -160,6 +160,31 @@ class Tokens:
             rec.tokens_in_window += n
 
 
+COMPLETED = 2  # MESSAGE_STATUS_COMPLETED
+
+
+async def _read_reply(replies: Any, tk: Tokens, rec: Recorder) -> int:
+    """Read a SendMessage stream (gRPC or gRPC-Web, decoded): its tokens, the time to its first
+    event, the open-stream count while it is open. The final message status (0: none came)."""
+    status = 0
+    opened = False
+    try:
+        async for resp in replies:
+            if not opened:
+                opened = True
+                rec.open += 1
+            if resp.HasField("text_delta"):
+                tk.add(resp.text_delta.text)
+            elif resp.HasField("user_message_saved"):
+                rec.ttfe.append(time.perf_counter() - tk.t0)
+            elif resp.HasField("message_completed"):
+                status = resp.message_completed.message.status
+    finally:
+        if opened:
+            rec.open -= 1
+    return status
+
+
 class _Null(Recorder):
     """A recorder for the warm-up call: records nothing anyone reads."""
 
@@ -284,27 +309,13 @@ class GrpcClient:
                 )
                 tk = Tokens(rec, rec.began())
                 attempt = tk.t0
-                opened = False
-                try:
-                    call = stub.SendMessage(
-                        chat_pb.SendMessageRequest(thread_id=thread.thread.id, content=prompt),
-                        metadata=md,
-                        timeout=timeout,
-                    )
-                    async for resp in call:
-                        if not opened:
-                            opened = True
-                            rec.open += 1
-                        if resp.HasField("text_delta"):
-                            tk.add(resp.text_delta.text)
-                        elif resp.HasField("user_message_saved"):
-                            rec.ttfe.append(time.perf_counter() - tk.t0)
-                        elif resp.HasField("message_completed"):
-                            status = resp.message_completed.message.status
-                            ok = status == 2  # MESSAGE_STATUS_COMPLETED
-                finally:
-                    if opened:
-                        rec.open -= 1
+                call = stub.SendMessage(
+                    chat_pb.SendMessageRequest(thread_id=thread.thread.id, content=prompt),
+                    metadata=md,
+                    timeout=timeout,
+                )
+                status = await _read_reply(call, tk, rec)
+                ok = status == COMPLETED
                 if not ok:  # ended without an error status but not COMPLETED (or no final event)
                     rec.error(f"MESSAGE_STATUS_{status}", since=attempt)
             except grpc.aio.AioRpcError as exc:
@@ -462,23 +473,10 @@ class GrpcWebClient:
                     tk = Tokens(rec, rec.began())
                     attempt = tk.t0
                     req = chat_pb.SendMessageRequest(thread_id=thread_id, content=prompt).SerializeToString()
-                    opened = False
-                    try:
-                        async for payload in self.call("SendMessage", token, req):
-                            if not opened:
-                                opened = True
-                                rec.open += 1
-                            resp = chat_pb.SendMessageResponse.FromString(payload)
-                            if resp.HasField("text_delta"):
-                                tk.add(resp.text_delta.text)
-                            elif resp.HasField("user_message_saved"):
-                                rec.ttfe.append(time.perf_counter() - tk.t0)
-                            elif resp.HasField("message_completed"):
-                                status = resp.message_completed.message.status
-                                ok = status == 2
-                    finally:
-                        if opened:
-                            rec.open -= 1
+                    frames = self.call("SendMessage", token, req)
+                    replies = (chat_pb.SendMessageResponse.FromString(payload) async for payload in frames)
+                    status = await _read_reply(replies, tk, rec)
+                    ok = status == COMPLETED
                 if not ok:
                     rec.error(f"MESSAGE_STATUS_{status}", since=attempt)
             except _GrpcWebError as exc:
