@@ -12,6 +12,7 @@ from everything_server.chat.events import (
     Event,
     Poke,
     Usage,
+    coalesce,
     decode_batch,
     decode_notification,
     encode_batch,
@@ -71,3 +72,30 @@ def test_generated_titles_are_cleaned():
     assert clean_title("   ") == ""
     long = clean_title("word " * 40)
     assert len(long) <= 80 and not long.endswith(" ")
+
+
+def test_coalesce_sends_what_follows_after_seq_with_consecutive_deltas_as_one():
+    events = [
+        Event(1, START),
+        Event(2, DELTA, text="a"),
+        Event(3, DELTA, text="b"),
+        Event(4, DELTA, text="c"),
+        Event(5, USAGE, usage=Usage(1, 3)),
+        Event(6, DELTA, text="d"),
+        Event(7, DONE, status="completed"),
+    ]
+    assert coalesce(events, 0) == [
+        Event(1, START),
+        Event(4, DELTA, text="abc"),
+        Event(5, USAGE, usage=Usage(1, 3)),
+        Event(6, DELTA, text="d"),
+        Event(7, DONE, status="completed"),
+    ]
+    # Resuming after seq 2: the deltas already sent are left out; `done` always comes.
+    assert coalesce(events, 2) == [
+        Event(4, DELTA, text="bc"),
+        Event(5, USAGE, usage=Usage(1, 3)),
+        Event(6, DELTA, text="d"),
+        Event(7, DONE, status="completed"),
+    ]
+    assert coalesce(events[6:], 9) == [Event(7, DONE, status="completed")]

@@ -51,10 +51,11 @@ class Event:
     error: dict[str, Any] | None = None  # DONE: the failure, for the streams that raise it (error_to_json)
 
 
-def coalesce(events: list[Event]) -> list[Event]:
-    """Consecutive text deltas as one (the seq of the last): what a stream sends when several events
-    are ready at once, because its client, or the server, is slower than the model. One gRPC message
-    instead of one per token, and the client resumes from that seq all the same."""
+def coalesce(events: list[Event], after_seq: int) -> list[Event]:
+    """What a stream sends of `events` that are ready at once: those after `after_seq` (and `done`,
+    whatever its seq), with consecutive text deltas as one (the seq of the last). Several are ready
+    when the client, or the server, is slower than the model: one gRPC message instead of one per
+    token, and the client resumes from that seq all the same."""
     out: list[Event] = []
     run: list[Event] = []
 
@@ -66,6 +67,8 @@ def coalesce(events: list[Event]) -> list[Event]:
         run.clear()
 
     for ev in events:
+        if ev.seq <= after_seq and ev.kind != DONE:
+            continue
         if ev.kind == DELTA:
             run.append(ev)
         else:

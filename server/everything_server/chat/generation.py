@@ -201,7 +201,7 @@ class Generation:
                 continue
             ready = self.events[i:]
             i += len(ready)
-            for ev in coalesce([ev for ev in ready if ev.seq > after_seq or ev.kind == DONE]):
+            for ev in coalesce(ready, after_seq):
                 yield ev
                 if ev.kind == DONE:
                     return

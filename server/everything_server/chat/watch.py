@@ -78,7 +78,7 @@ class Watcher:
             while True:
                 row, batches = await self._read(p, message_id, last)
                 for data in batches:
-                    for ev in coalesce([ev for ev in decode_batch(data) if ev.seq > last or ev.kind == DONE]):
+                    for ev in coalesce(decode_batch(data), last):
                         if ev.kind == DONE:
                             final = row if row.status != GENERATING else await self._final(p, message_id)
                             yield ev, final
@@ -104,7 +104,7 @@ class Watcher:
                         continue
                     if not decoded or decoded[0].seq > last + 1:  # a gap: something was missed
                         break
-                    for ev in coalesce([ev for ev in decoded if ev.seq > last or ev.kind == DONE]):
+                    for ev in coalesce(decoded, last):
                         if ev.kind == DONE:
                             yield ev, await self._final(p, message_id)
                             return
