@@ -82,11 +82,14 @@ async def _driver(db: AsyncSession) -> asyncpg.Connection:
 
 
 def _message(row: asyncpg.Record | None) -> Message | None:
-    return None if row is None else Message(**dict(row))
+    return None if row is None else Message(**{c.name: row[c.name] for c in Message.__table__.columns})
 
 
-def _thread(row: asyncpg.Record | None) -> Thread | None:
-    return None if row is None else Thread(**dict(row))
+def _thread(row: asyncpg.Record | None, prefix: str = "") -> Thread | None:
+    """The thread in `row`, its columns named `prefix` + name (None: no row, or no thread in it)."""
+    if row is None or row[f"{prefix}id"] is None:
+        return None
+    return Thread(**{c.name: row[f"{prefix}{c.name}"] for c in Thread.__table__.columns})
 
 
 # -- threads -------------------------------------------------------------------------------------
@@ -206,11 +209,9 @@ async def start_reply(
         touch_thread,
         channel,
     )
-    reply = Message(**{c.name: row[c.name] for c in Message.__table__.columns})
-    thread = None
-    if row["touched_id"] is not None:
-        thread = Thread(**{c.name: row[f"touched_{c.name}"] for c in Thread.__table__.columns})
-    return reply, thread
+    reply = _message(row)
+    assert reply is not None
+    return reply, _thread(row, prefix="touched_")
 
 
 async def get_message(
