@@ -217,12 +217,10 @@ class Database:
         )
         with _unavailable_on_disconnect(), span:
             async with self.sessionmaker.begin() as session:
+                waited = time.perf_counter()
+                conn = await session.connection()
                 if self.metrics is not None:
-                    waited = time.perf_counter()
-                    conn = await session.connection()
                     self.metrics.db_pool_wait.observe(time.perf_counter() - waited)
-                else:
-                    conn = await session.connection()
                 if user_id is not None and not await _begin_as_caller(conn, user_id, session_id):
                     # The driver path was not available: the same statements through SQLAlchemy.
                     if session_id is not None:
