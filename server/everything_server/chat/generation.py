@@ -254,7 +254,7 @@ class Checkpoints:
     async def remove(self, gen: Generation) -> None:
         """No more checkpoints for `gen`, once the one in flight (if any) has settled: after this,
         `gen.stored` is final and the reply's own last save can store the rest."""
-        self._gens.pop(gen.message_id, None)
+        self.discard(gen)
         flushing = self._flushing
         if flushing is not None and not flushing.done():
             with contextlib.suppress(Exception):
