@@ -18,9 +18,9 @@ that arrived between the end of the ramp and `stop_at` (all slots busy).
 
 RESOURCE_EXHAUSTED (gRPC; HTTP 429 from LiteLLM) is a refusal, counted apart from errors with how
 long it took to come back (from the start of the refused call): past capacity, admission control
-should answer it quickly. A refused slot waits `refusal_backoff` seconds (the RetryInfo the server
-sends says 1 s) before its next attempt, as a client honouring it would, instead of hammering the
-server in a tight loop. Every worker also samples how many of its streams are open (admitted: from
+should answer it quickly. A refused gRPC slot waits as long as the RetryInfo of the refusal asks (other
+clients, or a refusal without one: `refusal_backoff` seconds) before it asks again in the same
+thread, as a client honouring it would, instead of hammering the server in a tight loop. Every worker also samples how many of its streams are open (admitted: from
 their first message, or the HTTP response for the openai SDK, to their end) every
 OPEN_SAMPLE_SECONDS, on a clock shared by all workers, so the sum is the number of open streams.
 """
@@ -42,6 +42,20 @@ DEADLINE_SLACK = 5.0
 OPEN_SAMPLE_SECONDS = 0.25
 REFUSED = "RESOURCE_EXHAUSTED"
 WARMUP_PROMPT = "warm up [mock:tokens=1 rate=0]"
+
+
+def _retry_delay(trailing_metadata) -> float | None:
+    """Seconds the RetryInfo of a gRPC error status asks to wait, if it carries one."""
+    from google.protobuf import duration_pb2  # noqa: F401 - RetryInfo's field type
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in trailing_metadata or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.ToTimedelta().total_seconds()
+    return None
 
 
 class Recorder:
@@ -298,19 +312,24 @@ class GrpcClient:
         md = (("authorization", f"Bearer {spec['slots'][i]['token']}"),)
         timeout = spec["stream_timeout"]
 
-        async def one() -> bool:
+        thread_id = None  # kept after a refusal: the retry asks again in the same thread
+
+        async def one() -> bool | float:
+            nonlocal thread_id
             tk = None
             ok = refused = False
             attempt = time.perf_counter()  # the call in progress started then (for its latency)
             status = 0
             try:
-                thread = await stub.CreateThread(
-                    chat_pb.CreateThreadRequest(title="bench"), metadata=md, timeout=timeout
-                )
+                if thread_id is None:
+                    thread = await stub.CreateThread(
+                        chat_pb.CreateThreadRequest(title="bench"), metadata=md, timeout=timeout
+                    )
+                    thread_id = thread.thread.id
                 tk = Tokens(rec, rec.began())
                 attempt = tk.t0
                 call = stub.SendMessage(
-                    chat_pb.SendMessageRequest(thread_id=thread.thread.id, content=prompt),
+                    chat_pb.SendMessageRequest(thread_id=thread_id, content=prompt),
                     metadata=md,
                     timeout=timeout,
                 )
@@ -320,7 +339,8 @@ class GrpcClient:
                     rec.error(f"MESSAGE_STATUS_{status}", since=attempt)
             except grpc.aio.AioRpcError as exc:
                 ok = False
-                refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    refused = _retry_delay(exc.trailing_metadata()) or True
                 rec.error(exc.code().name, exc.details() or "", since=attempt)
             except Exception as exc:  # noqa: BLE001
                 ok = False
@@ -330,6 +350,8 @@ class GrpcClient:
             if tk is None or tk.last is None:
                 rec.no_first_token += 1
             rec.ended(ok)
+            if not refused:
+                thread_id = None
             return refused
 
         return one
@@ -524,8 +546,10 @@ async def _run_slots(spec: dict[str, Any], rec: Recorder, ones: list) -> None:
         while time.perf_counter() < rec.stop and (per_slot is None or done < per_slot):
             refused = await one()
             done += 1
-            if refused and backoff > 0:
-                await asyncio.sleep(min(backoff, max(rec.stop - time.perf_counter(), 0.0)))
+            # The server's RetryInfo when the client read it (a float), else the fixed back-off.
+            wait = refused if type(refused) is float else backoff if refused else 0.0
+            if wait > 0:
+                await asyncio.sleep(min(wait, max(rec.stop - time.perf_counter(), 0.0)))
 
     sampler = asyncio.create_task(rec.sample_open())
     tasks = [asyncio.create_task(loop(one)) for one in ones]

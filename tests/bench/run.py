@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--refusal-backoff",
         type=float,
         default=1.0,
-        help="seconds a client waits after RESOURCE_EXHAUSTED (the server's RetryInfo; default 1)",
+        help="seconds a client waits after RESOURCE_EXHAUSTED without a RetryInfo (default 1)",
     )
     p.add_argument("--no-concurrency", action="store_true", help="skip the concurrency scenario")
     p.add_argument(
