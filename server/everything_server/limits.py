@@ -44,10 +44,18 @@ _ADD = text(
     ON CONFLICT (user_id, day, kind) DO UPDATE SET amount = u.amount + EXCLUDED.amount
     """
 )
-_USED = text(
-    "SELECT coalesce((SELECT amount FROM usage_counters WHERE user_id = :uid AND kind = :kind "
-    "AND day = (now() AT TIME ZONE 'utc')::date), 0)"
-)
+
+
+def used_today_sql(user: str, kind: str) -> str:
+    """SQL for how much of quota `kind` the user `user` used today (NULL: none); the arguments are
+    SQL expressions (placeholders), so another statement can read it in the same round trip."""
+    return (
+        f"SELECT amount FROM usage_counters WHERE user_id = {user} AND kind = {kind} "  # noqa: S608
+        "AND day = (now() AT TIME ZONE 'utc')::date"
+    )
+
+
+_USED = text(f"SELECT coalesce(({used_today_sql(':uid', ':kind')}), 0)")
 _UNTIL_MIDNIGHT = text(
     "SELECT extract(epoch FROM (date_trunc('day', now() AT TIME ZONE 'utc') + interval '1 day' "
     "- (now() AT TIME ZONE 'utc')))::float8"
@@ -148,9 +156,13 @@ class Limits:
         if row is None:
             raise await self._exceeded(session, user_id, kind, limit)
 
-    async def check(self, session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int) -> None:
-        """Refuse when today's quota is already used up (for costs known only afterwards)."""
-        used = (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
+    async def check(
+        self, session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int, *, used: int | None = None
+    ) -> None:
+        """Refuse when today's quota is already used up (for costs known only afterwards). `used`:
+        the amount when the caller read it already (`used_today_sql`), else it is read here."""
+        if used is None:
+            used = (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
         if used >= limit:
             raise await self._exceeded(session, user_id, kind, limit)
 

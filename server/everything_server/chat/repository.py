@@ -3,7 +3,9 @@ filter by the owner, so another user's ids find nothing."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -22,6 +24,8 @@ from everything_server.chat.models import (
     MessageEvents,
     Thread,
 )
+from everything_server.limits import used_today_sql
+from everything_server.preferences.effective import data_sql as preferences_sql
 from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
@@ -41,30 +45,48 @@ _TOUCH_THREAD = (
     f"UPDATE threads SET updated_at = now() WHERE id = $1 AND user_id = $2 RETURNING {_THREAD_COLUMNS}"  # noqa: S608
 )
 
-_INSERT_USER_MESSAGE = f"""
-    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, position, turn)
-    SELECT $1, $2, $3, '{ROLE_USER}', $4, '{COMPLETED}', $5, v, v
-      FROM (SELECT nextval('messages_position_seq') AS v) AS drawn
-    ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
-    RETURNING {_MESSAGE_COLUMNS}
-"""  # noqa: S608
-
+# A new reply: the assistant message GENERATING at seq 1 after its parent `p` (a CTE giving the user
+# message's id and turn), its first stored events, and with $7 the thread's updated_at; its NOTIFY
+# ($6 on channel $8) is sent at commit. $1 reply id, $2 thread, $3 user, $4 model, $5 lease.
 _THREAD_AS = ", ".join(f"t.{c.name} AS touched_{c.name}" for c in Thread.__table__.columns)
-_START_REPLY = f"""
-    WITH r AS (
+_REPLY_AFTER_P = f"""
+    r AS (
       INSERT INTO messages
         (id, thread_id, user_id, role, status, parent_message_id, turn, seq, model, lease_expires_at)
-      VALUES ($1, $2, $3, '{ROLE_ASSISTANT}', '{GENERATING}', $4, $5, 1, $6, now() + $7::interval)
+      SELECT $1, $2, $3, '{ROLE_ASSISTANT}', '{GENERATING}', p.id, p.turn, 1, $4, now() + $5::interval
+        FROM p
       RETURNING {_MESSAGE_COLUMNS}
     ), e AS (
       INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
-      SELECT id, 1, 1, user_id, $8 FROM r
+      SELECT id, 1, 1, user_id, $6 FROM r
     ), t AS (
-      UPDATE threads SET updated_at = now() WHERE $9 AND id = $2 AND user_id = $3
+      UPDATE threads SET updated_at = now()
+       WHERE $7 AND id = $2 AND user_id = $3 AND EXISTS (SELECT 1 FROM p)
       RETURNING {_THREAD_COLUMNS}
     )
-    SELECT r.*, {_THREAD_AS}, pg_notify($10, $8)::text AS notified
+"""  # noqa: S608
+
+# A reply to an existing user message ($9 id, $10 turn).
+_START_REPLY = f"""
+    WITH p AS (SELECT $9::uuid AS id, $10::bigint AS turn), {_REPLY_AFTER_P}
+    SELECT r.*, {_THREAD_AS}, pg_notify($8, $6)::text AS notified
       FROM r LEFT JOIN t ON true
+"""  # noqa: S608
+
+# The user's message ($9 id, $10 content, $11 client_message_id; its turn is its position, drawn
+# from the sequence) and the reply to it, in one statement. No row: client_message_id was taken.
+_USER_AS = ", ".join(f"p.{c.name} AS um_{c.name}" for c in Message.__table__.columns)
+_SEND = f"""
+    WITH p AS (
+      INSERT INTO messages
+        (id, thread_id, user_id, role, content, status, client_message_id, position, turn)
+      SELECT $9, $2, $3, '{ROLE_USER}', $10, '{COMPLETED}', $11, v, v
+        FROM (SELECT nextval('messages_position_seq') AS v) AS drawn
+      ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+      RETURNING {_MESSAGE_COLUMNS}
+    ), {_REPLY_AFTER_P}
+    SELECT r.*, {_USER_AS}, {_THREAD_AS}, pg_notify($8, $6)::text AS notified
+      FROM r CROSS JOIN p LEFT JOIN t ON true
 """  # noqa: S608
 
 _FINISH = f"""
@@ -81,8 +103,11 @@ async def _driver(db: AsyncSession) -> asyncpg.Connection:
     return (await conn.get_raw_connection()).driver_connection
 
 
-def _message(row: asyncpg.Record | None) -> Message | None:
-    return None if row is None else Message(**{c.name: row[c.name] for c in Message.__table__.columns})
+def _message(row: asyncpg.Record | None, prefix: str = "") -> Message | None:
+    """The message in `row`, its columns named `prefix` + name (None: no row)."""
+    if row is None:
+        return None
+    return Message(**{c.name: row[f"{prefix}{c.name}"] for c in Message.__table__.columns})
 
 
 def _thread(row: asyncpg.Record | None, prefix: str = "") -> Thread | None:
@@ -162,31 +187,47 @@ async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid
 # -- messages ------------------------------------------------------------------------------------
 
 
-async def insert_user_message(
+async def send(
     db: AsyncSession,
     *,
     user_id: uuid.UUID,
     thread_id: uuid.UUID,
     content: str,
     client_message_id: uuid.UUID | None,
-) -> Message | None:
-    """None when `client_message_id` was taken meanwhile (by a concurrent retry of the same send).
-    Its turn is its position, drawn from the sequence in the same statement."""
+    reply_id: uuid.UUID,
+    model: str,
+    lease: timedelta,
+    first_events: str,
+    channel: str,
+    touch_thread: bool,
+) -> tuple[Message, Message, Thread | None] | None:
+    """One statement: the user's message, and the reply to it as `start_reply` makes it. None when
+    `client_message_id` was taken meanwhile (by a concurrent retry of the same send)."""
     row = await (await _driver(db)).fetchrow(
-        _INSERT_USER_MESSAGE,
-        uuid.uuid4(),
+        _SEND,
+        reply_id,
         thread_id,
         user_id,
+        model,
+        lease,
+        first_events,
+        touch_thread,
+        channel,
+        uuid.uuid4(),
         content,
         client_message_id,
     )
-    return _message(row)
+    if row is None:
+        return None
+    user_message, reply = _message(row, prefix="um_"), _message(row)
+    assert user_message is not None and reply is not None
+    return user_message, reply, _thread(row, prefix="touched_")
 
 
 async def start_reply(
     db: AsyncSession,
     *,
-    message_id: uuid.UUID,
+    reply_id: uuid.UUID,
     parent: Message,
     model: str,
     lease: timedelta,
@@ -198,16 +239,16 @@ async def start_reply(
     NOTIFY, sent at commit), and with `touch_thread` the thread's updated_at (the thread returned)."""
     row = await (await _driver(db)).fetchrow(
         _START_REPLY,
-        message_id,
+        reply_id,
         parent.thread_id,
         parent.user_id,
-        parent.id,
-        parent.turn,
         model,
         lease,
         first_events,
         touch_thread,
         channel,
+        parent.id,
+        parent.turn,
     )
     reply = _message(row)
     assert reply is not None
@@ -292,22 +333,74 @@ async def list_messages(
     return list((await db.execute(stmt)).scalars())
 
 
+def _history_sql(thread: str, user: str, before_turn: str, limit: str) -> str:
+    """The active branch's (role, content, turn, position) before turn `before_turn` (NULL: all of
+    it), newest first, at most `limit`; replies that failed, are still generating or are empty are
+    left out. The arguments are SQL expressions."""
+    return f"""
+        SELECT m.role, m.content, m.turn, m.position FROM messages m
+         WHERE m.thread_id = {thread} AND m.user_id = {user}
+           AND m.status IN ('{COMPLETED}', '{CANCELLED}') AND m.content <> ''
+           AND ({before_turn} IS NULL OR m.turn < {before_turn})
+           AND (m.role = '{ROLE_USER}' OR NOT EXISTS (
+                 SELECT 1 FROM messages n
+                  WHERE n.parent_message_id = m.parent_message_id AND n.position > m.position))
+         ORDER BY m.turn DESC, m.position DESC
+         LIMIT {limit}
+    """  # noqa: S608
+
+
+_HISTORY = _history_sql("$1", "$2", "$3::bigint", "$4")
+
+# Everything a new reply is planned from, in one round trip: the thread (none when $1 is NULL or
+# not the user's), its history, today's use of quota $3 and the user's stored preferences.
+_T_COLUMNS = ", ".join(f"t.{c.name} AS {c.name}" for c in Thread.__table__.columns)
+_SEND_CONTEXT = f"""
+    SELECT {_T_COLUMNS},
+           coalesce(({used_today_sql("$2", "$3")}), 0) AS quota_used,
+           ({preferences_sql("$2")}) AS preferences,
+           h.roles, h.contents
+      FROM (SELECT 1) AS one
+      LEFT JOIN threads t ON t.id = $1 AND t.user_id = $2
+      LEFT JOIN LATERAL (
+        SELECT array_agg(role ORDER BY turn DESC, position DESC) AS roles,
+               array_agg(content ORDER BY turn DESC, position DESC) AS contents
+          FROM ({_history_sql("t.id", "$2", "NULL::bigint", "$4")}) AS past
+      ) h ON t.id IS NOT NULL
+"""  # noqa: S608
+
+
+@dataclass(frozen=True)
+class SendContext:
+    thread: Thread | None
+    past: list[tuple[str, str]]  # (role, content), newest first
+    quota_used: int
+    preferences: dict
+
+
+async def send_context(
+    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID | None, quota_kind: str, limit: int
+) -> SendContext:
+    row = await (await _driver(db)).fetchrow(_SEND_CONTEXT, thread_id, user_id, quota_kind, limit)
+    assert row is not None
+    preferences = row["preferences"]
+    if isinstance(preferences, str):  # a connection without SQLAlchemy's jsonb codec
+        preferences = json.loads(preferences)
+    return SendContext(
+        thread=_thread(row),
+        past=list(zip(row["roles"] or (), row["contents"] or (), strict=True)),
+        quota_used=row["quota_used"],
+        preferences=preferences or {},
+    )
+
+
 async def history(
     db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, before_turn: int | None, limit: int
 ) -> list[tuple[str, str]]:
     """(role, content) of the active branch before `before_turn` (None: all of it), NEWEST first;
     replies that failed, are still generating or are empty are left out."""
-    stmt = select(Message.role, Message.content).where(
-        Message.thread_id == thread_id,
-        Message.user_id == user_id,
-        Message.status.in_((COMPLETED, CANCELLED)),
-        Message.content != "",
-        _active_branch(Message),
-    )
-    if before_turn is not None:
-        stmt = stmt.where(Message.turn < before_turn)
-    stmt = stmt.order_by(Message.turn.desc(), Message.position.desc()).limit(limit)
-    return [(r.role, r.content) for r in await db.execute(stmt)]
+    rows = await (await _driver(db)).fetch(_HISTORY, thread_id, user_id, before_turn, limit)
+    return [(r["role"], r["content"]) for r in rows]
 
 
 async def set_feedback(

@@ -350,25 +350,40 @@ class ChatService:
             existing = await repo.user_message_by_client_id(s, p.user_id, client_message_id)
             if existing is not None:
                 return await self._existing(s, p, existing, thread_id, content)
-        if thread_id is not None:
-            thread = await repo.get_thread(s, p.user_id, thread_id)
-            if thread is None:
-                raise errors.NotFound("thread", str(thread_id))
-            past = await repo.history(
-                s, user_id=p.user_id, thread_id=thread.id, before_turn=None, limit=HISTORY_MAX_ROWS
-            )
-        else:
-            thread = await repo.insert_thread(s, user_id=p.user_id, title="")
-            past = []
-        first_turn = not any(role == ROLE_USER for role, _ in past)
-        plan = await self._plan(s, p, thread, content, past, first_turn, model)
-        user_message = await repo.insert_user_message(
-            s, user_id=p.user_id, thread_id=thread.id, content=content, client_message_id=client_message_id
+        # One round trip for all it is planned from (the thread, its history, quota, preferences).
+        ctx = await repo.send_context(
+            s, user_id=p.user_id, thread_id=thread_id, quota_kind=QUOTA_KIND, limit=HISTORY_MAX_ROWS
         )
-        if user_message is None:
+        if thread_id is not None and ctx.thread is None:
+            raise errors.NotFound("thread", str(thread_id))
+        first_turn = not any(role == ROLE_USER for role, _ in ctx.past)
+        thread = ctx.thread or await repo.insert_thread(s, user_id=p.user_id, title="")
+        plan = await self._plan(
+            s,
+            p,
+            thread,
+            content,
+            ctx.past,
+            first_turn,
+            model,
+            quota_used=ctx.quota_used,
+            preferences=ctx.preferences,
+        )
+        # The user's message and the reply in one statement. A thread created in this transaction
+        # is fresh already: no need to touch it.
+        sent = await repo.send(
+            s,
+            user_id=p.user_id,
+            thread_id=thread.id,
+            content=content,
+            client_message_id=client_message_id,
+            model=plan.model,
+            touch_thread=thread_id is not None,
+            **self._new_reply(reply_id),
+        )
+        if sent is None:
             raise _ClientIdTaken
-        # A thread created in this transaction is fresh already: no need to touch it.
-        reply, touched = await self._start_reply(s, user_message, reply_id, plan.model, thread_id is not None)
+        user_message, reply, touched = sent
         thread = touched or thread
         return _Started(thread, user_message, reply, plan)
 
@@ -419,7 +434,9 @@ class ChatService:
         )
         first_turn = await repo.is_first_turn(s, thread.id, user_message.turn)
         plan = await self._plan(s, p, thread, user_message.content, past, first_turn, model)
-        reply, touched = await self._start_reply(s, user_message, reply_id, plan.model, True)
+        reply, touched = await repo.start_reply(
+            s, parent=user_message, model=plan.model, touch_thread=True, **self._new_reply(reply_id)
+        )
         thread = touched or thread
         return _Started(thread, user_message, reply, plan)
 
@@ -432,11 +449,20 @@ class ChatService:
         past: list[tuple[str, str]],
         first_turn: bool,
         model: str,
+        *,
+        quota_used: int | None = None,
+        preferences: dict | None = None,
     ) -> Plan:
-        """What the model gets for a reply to `user_text`, after `past` (newest first)."""
+        """What the model gets for a reply to `user_text`, after `past` (newest first). The quota
+        used today and the stored preferences are read here unless the caller has them already."""
         if self._limits is not None:  # over the daily quota: refused, and the transaction rolls back
-            await self._limits.check(s, p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens)
-        prefs = await effective.load(s, p.user_id, self._settings)
+            await self._limits.check(
+                s, p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens, used=quota_used
+            )
+        if preferences is None:
+            prefs = await effective.load(s, p.user_id, self._settings)
+        else:
+            prefs = effective.resolve(preferences, self._settings)
         model = model or prefs.chat_model
         return Plan(
             model=model,
@@ -446,20 +472,16 @@ class ChatService:
             title_input=user_text if thread.title == "" and first_turn else None,
         )
 
-    async def _start_reply(
-        self, s, user_message: Message, reply_id: uuid.UUID, model: str, touch_thread: bool
-    ) -> tuple[Message, Thread | None]:
-        """The assistant row, GENERATING, with its first event (and the thread touched)."""
-        return await repo.start_reply(
-            s,
-            message_id=reply_id,
-            parent=user_message,
-            model=model,
-            lease=LEASE,
-            first_events=encode_batch([Event(1, START)]),
-            channel=channel(reply_id),
-            touch_thread=touch_thread,
-        )
+    @staticmethod
+    def _new_reply(reply_id: uuid.UUID) -> dict:
+        """How a reply's row starts (repo.send, repo.start_reply): its id, its lease, its first
+        stored event and the channel of its NOTIFY."""
+        return {
+            "reply_id": reply_id,
+            "lease": LEASE,
+            "first_events": encode_batch([Event(1, START)]),
+            "channel": channel(reply_id),
+        }
 
     async def _relay(
         self, p: Principal, reply: Message, gen: Generation | None, after_seq: int, *, raise_failure: bool

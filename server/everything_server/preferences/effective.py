@@ -76,8 +76,17 @@ def resolve(data: dict, settings: Settings) -> Effective:
     )
 
 
+def data_sql(user: str) -> str:
+    """SQL for the stored preferences (`resolve` takes them) of user `user` (an SQL expression, a
+    placeholder), so another statement can read them in the same round trip."""
+    return f"SELECT data FROM preferences WHERE user_id = {user}"  # noqa: S608
+
+
+_DATA = text(data_sql(":u"))
+
+
 async def load(session: AsyncSession, user_id: uuid.UUID, settings: Settings) -> Effective:
     """Read in the caller's transaction (one indexed lookup)."""
-    row = await session.execute(text("SELECT data FROM preferences WHERE user_id = :u"), {"u": user_id})
+    row = await session.execute(_DATA, {"u": user_id})
     data = row.scalar_one_or_none() or {}
     return resolve(data, settings)
