@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -31,6 +32,18 @@ async def tables(url: str) -> set[str]:
         await conn.close()
 
 
+async def unlogged(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r' "
+            "AND relnamespace = 'public'::regnamespace"
+        )
+        return {r["relname"] for r in rows}
+    finally:
+        await conn.close()
+
+
 async def test_upgrade_downgrade_upgrade(pg_admin_url):
     name = f"everything_migr_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg_admin_url)
@@ -40,12 +53,16 @@ async def test_upgrade_downgrade_upgrade(pg_admin_url):
         await migrate.upgrade_async(url)
         assert EXPECTED_TABLES <= await tables(url)
         await migrate.upgrade_async(url)  # a second upgrade is a no-op
-        import asyncio
-
         await asyncio.to_thread(migrate.downgrade, url, "base")
         assert await tables(url) == set()
         await migrate.upgrade_async(url)
         assert EXPECTED_TABLES <= await tables(url)
+        # Only the per-minute rate-limit counts are unlogged (their commits wait for no WAL flush);
+        # everything people keep, the daily quotas included, is logged.
+        assert await unlogged(url) == {"rate_limit_windows"}
+        await asyncio.to_thread(migrate.downgrade, url, "0010_chat_checkpoints")
+        assert await unlogged(url) == set()
+        await migrate.upgrade_async(url)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
