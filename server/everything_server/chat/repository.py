@@ -46,8 +46,10 @@ _TOUCH_THREAD = (
 )
 
 # A new reply: the assistant message GENERATING at seq 1 after its parent `p` (a CTE giving the user
-# message's id and turn), its first stored events, and with $7 the thread's updated_at; its NOTIFY
-# ($6 on channel $8) is sent at commit. $1 reply id, $2 thread, $3 user, $4 model, $5 lease.
+# message's id and turn), its first stored events ($6), and with $7 the thread's updated_at. $1 reply
+# id, $2 thread, $3 user, $4 model, $5 lease. No NOTIFY: its channel is named after the new reply's
+# id, which no one can listen for before this commits (and a NOTIFY makes the commit take a global
+# lock).
 _THREAD_AS = ", ".join(f"t.{c.name} AS touched_{c.name}" for c in Thread.__table__.columns)
 _REPLY_AFTER_P = f"""
     r AS (
@@ -66,27 +68,25 @@ _REPLY_AFTER_P = f"""
     )
 """  # noqa: S608
 
-# A reply to an existing user message ($9 id, $10 turn).
+# A reply to an existing user message ($8 id, $9 turn).
 _START_REPLY = f"""
-    WITH p AS (SELECT $9::uuid AS id, $10::bigint AS turn), {_REPLY_AFTER_P}
-    SELECT r.*, {_THREAD_AS}, pg_notify($8, $6)::text AS notified
-      FROM r LEFT JOIN t ON true
+    WITH p AS (SELECT $8::uuid AS id, $9::bigint AS turn), {_REPLY_AFTER_P}
+    SELECT r.*, {_THREAD_AS} FROM r LEFT JOIN t ON true
 """  # noqa: S608
 
-# The user's message ($9 id, $10 content, $11 client_message_id; its turn is its position, drawn
+# The user's message ($8 id, $9 content, $10 client_message_id; its turn is its position, drawn
 # from the sequence) and the reply to it, in one statement. No row: client_message_id was taken.
 _USER_AS = ", ".join(f"p.{c.name} AS um_{c.name}" for c in Message.__table__.columns)
 _SEND = f"""
     WITH p AS (
       INSERT INTO messages
         (id, thread_id, user_id, role, content, status, client_message_id, position, turn)
-      SELECT $9, $2, $3, '{ROLE_USER}', $10, '{COMPLETED}', $11, v, v
+      SELECT $8, $2, $3, '{ROLE_USER}', $9, '{COMPLETED}', $10, v, v
         FROM (SELECT nextval('messages_position_seq') AS v) AS drawn
       ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
       RETURNING {_MESSAGE_COLUMNS}
     ), {_REPLY_AFTER_P}
-    SELECT r.*, {_USER_AS}, {_THREAD_AS}, pg_notify($8, $6)::text AS notified
-      FROM r CROSS JOIN p LEFT JOIN t ON true
+    SELECT r.*, {_USER_AS}, {_THREAD_AS} FROM r CROSS JOIN p LEFT JOIN t ON true
 """  # noqa: S608
 
 _FINISH = f"""
@@ -198,7 +198,6 @@ async def send(
     model: str,
     lease: timedelta,
     first_events: str,
-    channel: str,
     touch_thread: bool,
 ) -> tuple[Message, Message, Thread | None] | None:
     """One statement: the user's message, and the reply to it as `start_reply` makes it. None when
@@ -212,7 +211,6 @@ async def send(
         lease,
         first_events,
         touch_thread,
-        channel,
         uuid.uuid4(),
         content,
         client_message_id,
@@ -232,11 +230,10 @@ async def start_reply(
     model: str,
     lease: timedelta,
     first_events: str,
-    channel: str,
     touch_thread: bool,
 ) -> tuple[Message, Thread | None]:
-    """One statement: the assistant message, GENERATING at seq 1, its first stored events (and their
-    NOTIFY, sent at commit), and with `touch_thread` the thread's updated_at (the thread returned)."""
+    """One statement: the assistant message, GENERATING at seq 1, its first stored events, and with
+    `touch_thread` the thread's updated_at (the thread returned)."""
     row = await (await _driver(db)).fetchrow(
         _START_REPLY,
         reply_id,
@@ -246,7 +243,6 @@ async def start_reply(
         lease,
         first_events,
         touch_thread,
-        channel,
         parent.id,
         parent.turn,
     )

@@ -28,7 +28,6 @@ from everything_server.chat.generation import (
     Generation,
     Generator,
     Plan,
-    channel,
     task_key,
 )
 from everything_server.chat.models import GENERATING, ROLE_ASSISTANT, ROLE_USER, Message, Thread
@@ -474,14 +473,9 @@ class ChatService:
 
     @staticmethod
     def _new_reply(reply_id: uuid.UUID) -> dict:
-        """How a reply's row starts (repo.send, repo.start_reply): its id, its lease, its first
-        stored event and the channel of its NOTIFY."""
-        return {
-            "reply_id": reply_id,
-            "lease": LEASE,
-            "first_events": encode_batch([Event(1, START)]),
-            "channel": channel(reply_id),
-        }
+        """How a reply's row starts (repo.send, repo.start_reply): its id, its lease and its first
+        stored event."""
+        return {"reply_id": reply_id, "lease": LEASE, "first_events": encode_batch([Event(1, START)])}
 
     async def _relay(
         self, p: Principal, reply: Message, gen: Generation | None, after_seq: int, *, raise_failure: bool
