@@ -95,6 +95,14 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
     assert grpc["ttft_added_ms"]["p50"] is not None
     assert grpc["ratios"]["tokens_per_s_vs_direct"] > 0
 
+    # TTFT alone: one stream of short replies back to back, several first tokens per system.
+    ttft = {r["system"]: r for r in results["ttft"]}
+    assert set(ttft) == {"direct", "grpc-1"}
+    for r in ttft.values():
+        assert r["replies"] >= 3 and r["errors"] == 0
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] < 5000
+    assert "Time to first token: one stream" in (out / "results.md").read_text()
+
     # The concurrency scenario: 8 streams at once against a cap of 4 open streams. The 4 admitted
     # ones are open together and complete; the 4 others are refused (RESOURCE_EXHAUSTED, counted
     # apart from errors, with how fast the refusal came back); nothing else fails.

@@ -145,6 +145,21 @@ def stream_figures(
     }
 
 
+def ttft_figures(merged: dict[str, Any], *, system: str) -> dict[str, Any]:
+    """Time to first token of one stream's short replies, back to back."""
+    t = merged["ttft"]
+    return {
+        "system": system,
+        "replies": len(t),
+        "errors": sum(merged["errors"].values()),
+        "ttft_ms": {
+            "p50": _ms(percentile(t, 0.5)),
+            "p90": _ms(percentile(t, 0.9)),
+            "p99": _ms(percentile(t, 0.99)),
+        },
+    }
+
+
 def unary_figures(merged: dict[str, Any], *, duration: float, cpu: dict[str, float | None]) -> dict[str, Any]:
     ok = len(merged["latency"])
     server_cpu = cpu.get("server") or 0.0
@@ -439,6 +454,24 @@ def unary_row(r: dict[str, Any]) -> list[str]:
     ]
 
 
+TTFT_HEAD = ["system", "replies", "TTFT p50 ms", "p90", "p99", "added p50", "added p90", "errors"]
+
+
+def ttft_row(r: dict[str, Any], direct: dict[str, Any] | None) -> list[str]:
+    t = r["ttft_ms"]
+
+    def added(q: str) -> str:
+        if direct is None or r is direct or t[q] is None or direct["ttft_ms"][q] is None:
+            return "-"
+        return _f(t[q] - direct["ttft_ms"][q], 2)
+
+    return [r["system"], str(r["replies"]), _f(t["p50"], 2), _f(t["p90"], 2), _f(t["p99"], 2)] + [
+        added("p50"),
+        added("p90"),
+        str(r["errors"]),
+    ]
+
+
 def text_table(head: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
@@ -478,6 +511,14 @@ def render(results: dict[str, Any], table=text_table) -> str:
                     if r["concurrency"] == c:
                         rows.append(stream_row(r))
         out.append(table(STREAM_HEAD, rows))
+    ttft = results.get("ttft") or []
+    if ttft:
+        direct = next((r for r in ttft if r["system"] == "direct"), None)
+        out.append(
+            f"{h}Time to first token: one stream, short replies back to back (added = minus direct's, "
+            "the openai SDK straight to the mock)"
+        )
+        out.append(table(TTFT_HEAD, [ttft_row(r, direct) for r in ttft]))
     ratios = []
     for rs in (results.get("streams") or {}).values():
         for r in rs:

@@ -65,6 +65,7 @@ PROMPT = "Tell me a short story about a quiet river and the light on the water."
 ALL_SYSTEMS = ("direct", "litellm", "grpc-1", "grpc-N", "grpcweb")
 SERVER_SYSTEMS = ("litellm", "grpc-1", "grpc-N", "grpcweb")  # a process whose memory is measured
 UNARY_METHODS = ("GetPreferences", "ListThreads", "GetCurrentUser")
+TTFT_DIRECTIVE = "[mock:tokens=3]"  # the TTFT run's replies: over in about 60 ms at the mock's rate
 
 
 RUNS = ROOT / ".build" / "bench"  # one folder of logs per run; the newest KEEP_RUNS are kept
@@ -104,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unary-concurrency", type=int, default=32)
     p.add_argument("--unary-duration", type=float, help="seconds per unary method (default 8; quick 4)")
     p.add_argument("--max-concurrency", type=int, default=64, help="concurrency of the no-delay run")
+    p.add_argument(
+        "--ttft-duration",
+        type=float,
+        help="seconds of back-to-back short replies on one stream, for TTFT alone (default 10; quick 5; 0 skips)",
+    )
     p.add_argument("--no-unary", action="store_true")
     p.add_argument("--no-max", action="store_true", help="skip the no-delay (rate 0) run")
     p.add_argument("--no-writes", action="store_true", help="skip database writes per reply")
@@ -154,6 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.rate = 100.0 if a.rate == 50.0 else a.rate
         a.stream_timeout = a.stream_timeout or 15.0
         a.no_unary = a.no_max = True
+        a.ttft_duration = 1.0 if a.ttft_duration is None else a.ttft_duration
         a.users = min(a.users, 2)
         # Tiny but complete: a concurrency run and the writes table (short and long, two rates).
         a.concurrency_streams = 8 if a.concurrency_streams == 1000 else a.concurrency_streams
@@ -168,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.duration = a.duration or 8.0
         a.stream_timeout = a.stream_timeout or 30.0
         a.unary_duration = a.unary_duration or 4.0
+        a.ttft_duration = 5.0 if a.ttft_duration is None else a.ttft_duration
+    a.ttft_duration = 10.0 if a.ttft_duration is None else a.ttft_duration
     a.levels = [int(x) for x in (a.levels or "1,16,64,256,1000").split(",")]
     a.duration = a.duration or 20.0
     a.stream_timeout = a.stream_timeout or 60.0
@@ -212,6 +221,7 @@ class Bench:
         self._system: System | None = None
         self.results: dict[str, Any] = {
             "meta": {},
+            "ttft": [],
             "streams": {},
             "max_throughput": {},
             "concurrency": [],
@@ -576,6 +586,19 @@ class Bench:
             await self.load(system, min(4, max(a.levels)), duration=2.0, prompt=f"{PROMPT} [mock:tokens=20]")
             if system.kind != "openai":
                 await self.quiesce()
+            if a.ttft_duration > 0:
+                # One stream, short replies back to back: many first tokens, so TTFT stands on
+                # hundreds of replies instead of the few long ones of the 1-stream level.
+                merged, _cpu, _mem, _wall = await self.load(
+                    system, 1, prompt=f"{PROMPT} {TTFT_DIRECTIVE}", duration=a.ttft_duration, ramp=0.0
+                )
+                fig = report.ttft_figures(merged, system=name)
+                self.results["ttft"].append(fig)
+                log(
+                    f"  {name:8} ttft x{fig['replies']} replies: p50={fig['ttft_ms']['p50']}ms p99={fig['ttft_ms']['p99']}ms"
+                )
+                if system.kind != "openai":
+                    await self.quiesce()
             runs = self.results["streams"].setdefault(name, [])
             for c in a.levels:
                 fig = await self.stream_run(system, c)
