@@ -103,6 +103,22 @@ async def _codes(channel: grpc.aio.Channel, method: str, n: int, metadata=()) ->
     return codes
 
 
+async def _refused(target: str, timeout: float = 5.0) -> None:
+    """Wait (bounded) until `target` refuses connections: grpc core may close a stopped server's
+    listener a moment after stop() returns, and a call Envoy sends in that moment is lost."""
+    host, port = target.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _reader, writer = await asyncio.open_connection(host, int(port))
+        except ConnectionRefusedError:
+            return
+        writer.close()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{target} still accepts connections")
+        await asyncio.sleep(0.02)
+
+
 async def _stats(g: gw.Gateway) -> dict[str, int]:
     return await asyncio.to_thread(gw.cluster_stats, g.admin_url)
 
@@ -243,7 +259,8 @@ async def test_a_replica_that_died_costs_no_call(gateway_factory):
         dying = FakeReplica()
         await dying.__aenter__()
         g = await gateway_factory([dying.target, survivor.target])
-        await dying.__aexit__(None, None, None)  # gone: connections refused from now on
+        await dying.__aexit__(None, None, None)
+        await _refused(dying.target)  # gone: connections refused from now on
         async with grpc.aio.insecure_channel(f"127.0.0.1:{g.port}") as ch:
             # Before any health check notices, calls (writes too: the request never left Envoy)
             # that pick the dead replica are retried on the live one.
