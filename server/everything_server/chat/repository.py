@@ -3,7 +3,6 @@ filter by the owner, so another user's ids find nothing."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -379,14 +378,11 @@ async def send_context(
 ) -> SendContext:
     row = await (await _driver(db)).fetchrow(_SEND_CONTEXT, thread_id, user_id, quota_kind, limit)
     assert row is not None
-    preferences = row["preferences"]
-    if isinstance(preferences, str):  # a connection without SQLAlchemy's jsonb codec
-        preferences = json.loads(preferences)
     return SendContext(
         thread=_thread(row),
         past=list(zip(row["roles"] or (), row["contents"] or (), strict=True)),
         quota_used=row["quota_used"],
-        preferences=preferences or {},
+        preferences=row["preferences"] or {},  # jsonb, decoded by SQLAlchemy's codec on every connection
     )
 
 
