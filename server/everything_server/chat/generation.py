@@ -161,7 +161,7 @@ class Generation:
         self.started = started_view(started)
         self.events: list[Event] = [Event(1, START)]  # events[i].seq == i + 1
         self.stored = 1  # events[:stored] are in the database (the first came with the row)
-        self.announced = 1  # events[:announced] were sent by NOTIFY
+        self.announced = 1  # events[:announced] were sent by NOTIFY or stored (the first: stored)
         self.stored_at = 0.0  # loop time of the last stored checkpoint (set when registered)
         self.parts: list[str] = []
         self.usage: Usage | None = None
