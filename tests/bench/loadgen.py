@@ -18,11 +18,12 @@ that arrived between the end of the ramp and `stop_at` (all slots busy).
 
 RESOURCE_EXHAUSTED (gRPC; HTTP 429 from LiteLLM) is a refusal, counted apart from errors with how
 long it took to come back (from the start of the refused call): past capacity, admission control
-should answer it quickly. A refused gRPC slot waits as long as the RetryInfo of the refusal asks (other
-clients, or a refusal without one: `refusal_backoff` seconds) before it asks again in the same
-thread, as a client honouring it would, instead of hammering the server in a tight loop. Every worker also samples how many of its streams are open (admitted: from
-their first message, or the HTTP response for the openai SDK, to their end) every
-OPEN_SAMPLE_SECONDS, on a clock shared by all workers, so the sum is the number of open streams.
+should answer it quickly. A refused gRPC slot waits as long as the refusal's RetryInfo asks (the
+other clients, and a refusal without one: `refusal_backoff` seconds), then asks again in the same
+thread, as a client honouring it would, instead of hammering the server in a tight loop. Every
+worker also samples how many of its streams are open (admitted: from their first message, or the
+HTTP response for the openai SDK, to their end) every OPEN_SAMPLE_SECONDS, on a clock shared by
+all workers, so the sum is the number of open streams.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ WARMUP_PROMPT = "warm up [mock:tokens=1 rate=0]"
 
 def _retry_delay(trailing_metadata) -> float | None:
     """Seconds the RetryInfo of a gRPC error status asks to wait, if it carries one."""
-    from google.protobuf import duration_pb2  # noqa: F401 - RetryInfo's field type
     from google.rpc import error_details_pb2, status_pb2
 
     for key, value in trailing_metadata or ():
