@@ -23,25 +23,27 @@ EXPECTED_TABLES = {
 }
 
 
-async def tables(url: str) -> set[str]:
+async def _names(url: str, sql: str) -> set[str]:
+    """The first column of `sql`'s rows, on a connection of its own."""
     conn = await asyncpg.connect(url)
     try:
-        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        return {r["tablename"] for r in rows} - {"alembic_version"}
+        return {r[0] for r in await conn.fetch(sql)}
     finally:
         await conn.close()
+
+
+async def tables(url: str) -> set[str]:
+    return await _names(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") - {
+        "alembic_version"
+    }
 
 
 async def unlogged(url: str) -> set[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r' "
-            "AND relnamespace = 'public'::regnamespace"
-        )
-        return {r["relname"] for r in rows}
-    finally:
-        await conn.close()
+    return await _names(
+        url,
+        "SELECT relname FROM pg_class WHERE relpersistence = 'u' AND relkind = 'r' "
+        "AND relnamespace = 'public'::regnamespace",
+    )
 
 
 async def test_upgrade_downgrade_upgrade(pg_admin_url):
