@@ -1,11 +1,13 @@
-"""Database.transaction with a caller: BEGIN, the RLS caller and the session check go out in one round
-trip, and the transaction still behaves as one (commit, rollback, nothing left on the connection)."""
+"""Database.transaction (and driver_transaction, its form without an ORM session) with a caller:
+BEGIN, the RLS caller and the session check go out in one round trip, and the transaction still
+behaves as one (commit, rollback, nothing left on the connection)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
+import asyncpg
 import jwt
 import pytest
 from sqlalchemy import text
@@ -27,18 +29,37 @@ def _ids(user) -> tuple[uuid.UUID, uuid.UUID]:
     return uuid.UUID(claims["sub"]), uuid.UUID(claims["sid"])
 
 
-async def _scalar(session, sql: str):
-    return (await session.execute(text(sql))).scalar()
+@pytest.fixture(params=["session", "driver"])
+def begin(request, one_connection):
+    """A caller's transaction: through an ORM session, or on the driver connection."""
+    return one_connection.transaction if request.param == "session" else one_connection.driver_transaction
 
 
-async def _run(session, sql: str) -> None:
-    await session.execute(text(sql))
+async def _scalar(unit, sql: str):
+    if isinstance(unit, asyncpg.Connection):
+        return await unit.fetchval(sql)
+    return (await unit.execute(text(sql))).scalar()
 
 
-async def test_the_caller_is_set_for_the_transaction_only(one_connection, user):
+async def _run(unit, sql: str) -> None:
+    if isinstance(unit, asyncpg.Connection):
+        await unit.execute(sql)
+    else:
+        await unit.execute(text(sql))
+
+
+async def _nothing_left_open(db: Database) -> None:
+    async with db.transaction() as s:
+        assert await _scalar(s, "SELECT coalesce(current_setting('app.user_id', true), '')") == ""
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        assert not raw.driver_connection.is_in_transaction()
+
+
+async def test_the_caller_is_set_for_the_transaction_only(one_connection, begin, user):
     db = one_connection
     uid, sid = _ids(user)
-    async with db.transaction(uid, sid) as s:
+    async with begin(uid, sid) as s:
         assert await _scalar(s, "SELECT current_setting('app.user_id', true)") == str(uid)
         first = await _scalar(s, "SELECT now()")
         await asyncio.sleep(0.02)
@@ -50,30 +71,27 @@ async def test_the_caller_is_set_for_the_transaction_only(one_connection, user):
         assert await _scalar(s, "SELECT now()") != first
 
 
-async def test_an_ended_session_is_refused_and_leaves_nothing_open(one_connection, user):
-    db = one_connection
+async def test_an_ended_session_is_refused_and_leaves_nothing_open(one_connection, begin, user):
     uid, _ = _ids(user)
     with pytest.raises(errors.Unauthenticated) as err:
-        async with db.transaction(uid, uuid.uuid4()):
+        async with begin(uid, uuid.uuid4()):
             raise AssertionError("the body must not run")
     assert err.value.reason == "SESSION_REVOKED"
     # The same (only) connection is usable, outside any transaction, with no caller left on it.
-    async with db.transaction() as s:
-        assert await _scalar(s, "SELECT coalesce(current_setting('app.user_id', true), '')") == ""
-    async with db.engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        assert not raw.driver_connection.is_in_transaction()
+    await _nothing_left_open(one_connection)
 
 
-async def test_an_error_in_the_body_rolls_the_work_back(one_connection, user):
+@pytest.mark.parametrize("error", [RuntimeError("boom"), errors.NotFound("thread", "x")])
+async def test_an_error_in_the_body_rolls_the_work_back(one_connection, begin, user, error):
     db = one_connection
     uid, sid = _ids(user)
     name = f"caller_tx_{uuid.uuid4().hex[:8]}"
-    with pytest.raises(RuntimeError):
-        async with db.transaction(uid, sid) as s:
+    with pytest.raises(type(error)):
+        async with begin(uid, sid) as s:
             await _run(s, f"CREATE TABLE {name} (x int)")
-            raise RuntimeError("boom")
-    async with db.transaction(uid, sid) as s:
+            raise error
+    await _nothing_left_open(db)
+    async with begin(uid, sid) as s:
         assert await _scalar(s, f"SELECT to_regclass('{name}')") is None
         await _run(s, f"CREATE TABLE {name} (x int)")
     async with db.transaction() as s:
@@ -81,9 +99,31 @@ async def test_an_error_in_the_body_rolls_the_work_back(one_connection, user):
         await _run(s, f"DROP TABLE {name}")
 
 
-async def test_a_user_only_transaction_sets_the_caller_without_a_session_check(one_connection):
+async def test_a_cancelled_body_rolls_back_and_leaves_the_pool_usable(one_connection, begin, user):
+    db = one_connection
+    uid, sid = _ids(user)
+    name = f"caller_tx_{uuid.uuid4().hex[:8]}"
+    started = asyncio.Event()
+
+    async def body():
+        async with begin(uid, sid) as s:
+            await _run(s, f"CREATE TABLE {name} (x int)")
+            started.set()
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _nothing_left_open(db)
+    async with db.transaction() as s:
+        assert await _scalar(s, f"SELECT to_regclass('{name}')") is None
+
+
+async def test_a_user_only_transaction_sets_the_caller_without_a_session_check(one_connection, begin):
     uid = uuid.uuid4()
-    async with one_connection.transaction(uid) as s:
+    async with begin(uid) as s:
         assert await _scalar(s, "SELECT current_setting('app.user_id', true)") == str(uid)
 
 
@@ -103,4 +143,10 @@ async def test_the_one_round_trip_path_is_the_one_taken(one_connection, user, mo
     uid, sid = _ids(user)
     async with one_connection.transaction(uid, sid) as s:
         assert await _scalar(s, "SELECT current_setting('app.user_id', true)") == str(uid)
-    assert taken == [True]
+    # Also on a connection that served an AUTOCOMMIT statement (the checkpointer's): SQLAlchemy
+    # sets its isolation level back to "read_committed" when it returns to the pool.
+    async with one_connection.autocommit() as conn:
+        await conn.execute(text("SELECT 1"))
+    async with one_connection.transaction(uid, sid) as s:
+        assert await _scalar(s, "SELECT current_setting('transaction_isolation')") == "read committed"
+    assert taken == [True, True]

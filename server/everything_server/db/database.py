@@ -39,6 +39,7 @@ _SET_CALLER = text(
     "       app_session_is_live(CAST(:sid AS uuid), CAST(:uid AS uuid)) AS live"
 )
 _SET_USER = text("SELECT set_config('app.user_id', :uid, true)")
+_BEGIN = {None: "BEGIN", "read_committed": "BEGIN ISOLATION LEVEL READ COMMITTED"}
 
 
 def _session_ended() -> errors.Unauthenticated:
@@ -89,9 +90,13 @@ async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id
     transaction: the caller then takes the SQLAlchemy path."""
     raw = await conn.get_raw_connection()
     adapter = raw.dbapi_connection
+    # The adapter's own BEGIN for its isolation level: None (the server's default) on a new
+    # connection, "read_committed" (SQLAlchemy's default, set back on a connection returned to the
+    # pool after an AUTOCOMMIT use) on one that was.
+    begin = _BEGIN.get(getattr(adapter, "isolation_level", "?"))
     if (
-        getattr(adapter, "_transaction", False) is not None
-        or getattr(adapter, "isolation_level", "?") is not None
+        begin is None
+        or getattr(adapter, "_transaction", False) is not None
         or getattr(adapter, "readonly", True)
         or getattr(adapter, "deferrable", True)
         or not isinstance(user_id, uuid.UUID)
@@ -101,10 +106,10 @@ async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id
     driver: asyncpg.Connection = adapter._connection
     uid = str(user_id)
     if session_id is None:
-        query = f"BEGIN; SELECT set_config('app.user_id', '{uid}', true)"
+        query = f"{begin}; SELECT set_config('app.user_id', '{uid}', true)"
     else:
         query = (
-            f"BEGIN; SELECT set_config('app.user_id', '{uid}', true) "
+            f"{begin}; SELECT set_config('app.user_id', '{uid}', true) "
             f"WHERE app_session_is_live('{session_id}'::uuid, '{uid}'::uuid)"
         )
     # From here on the transaction is the adapter's to end (ROLLBACK is harmless if BEGIN failed).
@@ -205,33 +210,67 @@ class Database:
         return row[0], bool(row[1])
 
     @asynccontextmanager
-    async def transaction(
-        self, user_id: uuid.UUID | None = None, session_id: uuid.UUID | None = None
-    ) -> AsyncIterator[AsyncSession]:
-        """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
-        the caller's sign-in session must still be live or `Unauthenticated` is raised."""
+    async def _unit(self) -> AsyncIterator[None]:
+        """Around every transaction: its span (when tracing) and DATABASE_UNAVAILABLE for a lost
+        connection."""
         span = (
             contextlib.nullcontext()
             if isinstance(self.tracer, trace.NoOpTracer)
             else self.tracer.start_as_current_span("db.transaction")
         )
         with _unavailable_on_disconnect(), span:
-            async with self.sessionmaker.begin() as session:
-                waited = time.perf_counter()
-                conn = await session.connection()
-                if self.metrics is not None:
-                    self.metrics.db_pool_wait.observe(time.perf_counter() - waited)
-                if user_id is not None and not await _begin_as_caller(conn, user_id, session_id):
-                    # The driver path was not available: the same statements through SQLAlchemy.
-                    if session_id is not None:
-                        row = (
-                            await conn.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})
-                        ).one()
-                        if not row.live:
-                            raise _session_ended()
-                    else:
-                        await conn.execute(_SET_USER, {"uid": str(user_id)})
-                yield session
+            yield
+
+    def _waited(self, since: float) -> None:
+        if self.metrics is not None:
+            self.metrics.db_pool_wait.observe(time.perf_counter() - since)
+
+    @asynccontextmanager
+    async def transaction(
+        self, user_id: uuid.UUID | None = None, session_id: uuid.UUID | None = None
+    ) -> AsyncIterator[AsyncSession]:
+        """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
+        the caller's sign-in session must still be live or `Unauthenticated` is raised."""
+        async with self._unit(), self.sessionmaker.begin() as session:
+            waited = time.perf_counter()
+            conn = await session.connection()
+            self._waited(waited)
+            if user_id is not None and not await _begin_as_caller(conn, user_id, session_id):
+                # The driver path was not available: the same statements through SQLAlchemy.
+                if session_id is not None:
+                    row = (
+                        await conn.execute(_SET_CALLER, {"uid": str(user_id), "sid": str(session_id)})
+                    ).one()
+                    if not row.live:
+                        raise _session_ended()
+                else:
+                    await conn.execute(_SET_USER, {"uid": str(user_id)})
+            yield session
+
+    @asynccontextmanager
+    async def driver_transaction(
+        self, user_id: uuid.UUID, session_id: uuid.UUID | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """`transaction`, for a hot path whose statements are all written for the driver: the same
+        BEGIN-as-caller round trip, then the pooled connection's own asyncpg connection, then
+        COMMIT (ROLLBACK on any error), without SQLAlchemy's session around them (measured: 0.17 ms
+        less per transaction of three round trips)."""
+        async with self._unit():
+            waited = time.perf_counter()
+            async with self.engine.connect() as conn:
+                self._waited(waited)
+                if not await _begin_as_caller(conn, user_id, session_id):
+                    raise RuntimeError("SQLAlchemy's asyncpg adapter is not the one this was written for")
+                raw = await conn.get_raw_connection()
+                adapter, driver = raw.dbapi_connection, raw.driver_connection
+                try:
+                    yield driver
+                    await adapter._transaction.commit()
+                    adapter._transaction = None
+                except BaseException as exc:
+                    # Closing the connection below rolls back what is still open (`_Begun`).
+                    await _after_driver_error(conn, driver, exc)
+                    raise
 
     async def patiently(self, work: Callable[[], Awaitable[T]], *, patience: float) -> T:
         """`work()` (a unit of work with its own transaction), tried again while the database is
