@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -55,11 +56,8 @@ def used_today_sql(user: str, kind: str) -> str:
     )
 
 
+DAY_SECONDS = 86_400
 _USED = text(f"SELECT coalesce(({used_today_sql(':uid', ':kind')}), 0)")
-_UNTIL_MIDNIGHT = text(
-    "SELECT extract(epoch FROM (date_trunc('day', now() AT TIME ZONE 'utc') + interval '1 day' "
-    "- (now() AT TIME ZONE 'utc')))::float8"
-)
 _BLOCKED = text(
     "SELECT extract(epoch FROM max(blocked_until) - now())::float8 FROM auth_throttle "
     "WHERE key = ANY(:keys) AND blocked_until > now()"
@@ -110,6 +108,7 @@ class Limits:
 
     async def hit(self, key: str, *, limit: int, window_seconds: int, subject: str, what: str) -> None:
         """Count one request against `key`; refuse when the window already holds `limit`."""
+
         async with self._db.driver() as conn:
             hits, left = await conn.fetchrow(_HIT, key, window_seconds)
         if hits > limit:
@@ -131,10 +130,9 @@ class Limits:
     # -- daily quotas -----------------------------------------------------------------------------
 
     @staticmethod
-    async def _exceeded(
-        session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int
-    ) -> errors.ResourceExhausted:
-        left = (await session.execute(_UNTIL_MIDNIGHT)).scalar_one()
+    def _exceeded(user_id: uuid.UUID, kind: str, limit: int) -> errors.ResourceExhausted:
+        # The quota day ends at midnight UTC (`used_today_sql`); POSIX time counts 86,400 s a day.
+        left = DAY_SECONDS - time.time() % DAY_SECONDS
         return errors.ResourceExhausted(
             f"daily {kind} quota of {limit} is used up",
             reason="QUOTA_EXCEEDED",
@@ -154,17 +152,25 @@ class Limits:
                 )
             ).first()
         if row is None:
-            raise await self._exceeded(session, user_id, kind, limit)
+            raise self._exceeded(user_id, kind, limit)
 
     async def check(
-        self, session: AsyncSession, user_id: uuid.UUID, kind: str, limit: int, *, used: int | None = None
+        self,
+        session: AsyncSession | object,
+        user_id: uuid.UUID,
+        kind: str,
+        limit: int,
+        *,
+        used: int | None = None,
     ) -> None:
         """Refuse when today's quota is already used up (for costs known only afterwards). `used`:
-        the amount when the caller read it already (`used_today_sql`), else it is read here."""
+        the amount when the caller read it already (`used_today_sql`), else it is read here (the
+        session is only needed then)."""
         if used is None:
+            assert isinstance(session, AsyncSession)
             used = (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
         if used >= limit:
-            raise await self._exceeded(session, user_id, kind, limit)
+            raise self._exceeded(user_id, kind, limit)
 
     async def add(self, session: AsyncSession, user_id: uuid.UUID, kind: str, amount: int) -> None:
         """Record a cost after the fact (for example the completion tokens of a reply)."""

@@ -4,11 +4,13 @@ text, usage and reason, and nothing left GENERATING."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import grpc
 
 from everything.chat.v1 import chat_service_pb2 as pb
+from everything_server import errors
 from tests.chat.helpers import (
     CANCELLED,
     COMPLETED,
@@ -285,3 +287,33 @@ async def test_deleting_a_thread_stops_its_generation_and_ends_the_stream(
     assert got.kinds[-1] == "message_completed"
     await mock_model.wait_for_abort(count=aborts_before + 1)
     assert await db_conn.fetchval("SELECT count(*) FROM messages WHERE id = $1", uuid.UUID(got.reply_id)) == 0
+
+
+async def test_a_setup_commit_that_fails_closes_the_model_call_and_leaves_nothing(
+    app, chat_stub, user, db_conn, mock_model, monkeypatch
+):
+    """The model is called while the setup transaction's COMMIT is in flight. If that COMMIT fails,
+    the client gets the error (not a token), the upstream request is closed, and no row is left."""
+    db = app.container.db
+    original = db.driver_transaction
+    text = f"{marker()} [mock:tokens=200 rate=20]"
+
+    @contextlib.asynccontextmanager
+    async def failing_commit(user_id, session_id=None):
+        async with original(user_id, session_id) as conn:
+            yield conn
+            await mock_model.wait_for_requests(requests_before + 1)  # the model was called meanwhile
+            raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE")
+
+    requests_before, aborts_before = len(mock_model.requests), len(mock_model.aborts)
+    monkeypatch.setattr(db, "driver_transaction", failing_commit)
+    got, err = await failing_send(chat_stub, user, text)
+    monkeypatch.undo()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert details(err).reason == "DATABASE_UNAVAILABLE"
+    assert got.kinds == []  # not even user_message_saved
+    await mock_model.wait_for_abort(count=aborts_before + 1)
+    assert await db_conn.fetchval("SELECT count(*) FROM messages WHERE content = $1", text) == 0
+    # The next send goes through as usual.
+    ok = await send(chat_stub, user, f"{marker()} [mock:tokens=3]")
+    assert ok.final.status == COMPLETED

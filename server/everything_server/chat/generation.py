@@ -341,10 +341,12 @@ class Generator:
     def spawn(self, message_id: uuid.UUID, coro) -> asyncio.Task:
         return self._background.spawn(task_key(message_id), coro)
 
-    def register(self, gen: Generation) -> None:
-        """Called from inside the generation's task, before anyone can learn the message id."""
-        gen.task = asyncio.current_task()
+    def register(self, gen: Generation, task: asyncio.Task | None) -> None:
+        """`task` generates `gen`, whose row is committed: from now on it is followed here and
+        checkpointed. Called before anyone can learn the message id."""
+        gen.task = task
         self._live[gen.message_id] = gen
+        self.checkpoints.add(gen)
 
     # -- storing events ----------------------------------------------------------------------------
 
@@ -385,17 +387,32 @@ class Generator:
 
     # -- running -----------------------------------------------------------------------------------
 
-    async def run(self, gen: Generation, plan: Plan) -> None:
-        """The body of the detached task, once the reply's row exists (status GENERATING, seq 1) and
-        `gen` is registered: the model is called only now, after the user's message is saved."""
-        self.checkpoints.add(gen)
+    async def run(self, gen: Generation, plan: Plan, saving: asyncio.Task) -> None:
+        """The body of the detached task, once the reply's row is written (status GENERATING, seq 1).
+        `saving` is the COMMIT of the transaction that wrote it, still in flight as the model is
+        called (`ChatService._detached`); `gen` is registered when it succeeds. Until then nobody
+        can follow `gen` and nothing of it is stored: the title and the final save wait for it. If
+        it fails, the task is cancelled (which closes the upstream response) and there is nothing
+        to finish."""
+
+        async def saved(*, patient: bool) -> bool:
+            """Whether the reply's row is committed, waiting for it if need be (`patient`: through
+            a cancel too)."""
+            if not saving.done():
+                with contextlib.suppress(Exception):  # its error goes to the RPC (`_detached`)
+                    if patient:
+                        await _uncancellable(asyncio.shield(saving), SAVE_TIMEOUT_SECONDS)
+                    else:
+                        await asyncio.shield(saving)
+            return saving.done() and not saving.cancelled() and saving.exception() is None
+
         status: str | None = COMPLETED
         error: errors.DomainError | None = None
         try:
             try:
                 usage = await self._stream(gen, plan)
                 gen.emit(USAGE, usage=usage or self._estimate(gen, plan))
-                if plan.title_input is not None:
+                if plan.title_input is not None and await saved(patient=False):
                     await self._title(gen, plan)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -417,6 +434,8 @@ class Generator:
             except Exception:
                 log.exception("generation failed", extra={"message_id": str(gen.message_id)})
                 status, error = FAILED, None
+            if not await saved(patient=True):
+                return  # the setup transaction failed: no row, nothing to finish
             await self.checkpoints.remove(gen)
             if status is None or gen.lost:
                 await self._finish_lost(gen)

@@ -40,6 +40,16 @@ _INSERT_THREAD = f"INSERT INTO threads (id, user_id, title) VALUES ($1, $2, $3) 
 
 _GET_THREAD = f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = $1 AND user_id = $2"  # noqa: S608
 
+_BY_CLIENT_ID = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+     WHERE user_id = $1 AND client_message_id = $2 AND role = '{ROLE_USER}'
+"""  # noqa: S608
+
+_LATEST_REPLY = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages
+     WHERE parent_message_id = $1 AND user_id = $2 ORDER BY position DESC LIMIT 1
+"""  # noqa: S608
+
 _TOUCH_THREAD = (
     f"UPDATE threads SET updated_at = now() WHERE id = $1 AND user_id = $2 RETURNING {_THREAD_COLUMNS}"  # noqa: S608
 )
@@ -97,7 +107,10 @@ _FINISH = f"""
 """  # noqa: S608
 
 
-async def _driver(db: AsyncSession) -> asyncpg.Connection:
+async def _driver(db: AsyncSession | asyncpg.Connection) -> asyncpg.Connection:
+    """The asyncpg connection of a unit of work: a session's, or one from `driver_transaction`."""
+    if isinstance(db, asyncpg.Connection):
+        return db
     conn = await db.connection()
     return (await conn.get_raw_connection()).driver_connection
 
@@ -119,7 +132,7 @@ def _thread(row: asyncpg.Record | None, prefix: str = "") -> Thread | None:
 # -- threads -------------------------------------------------------------------------------------
 
 
-async def insert_thread(db: AsyncSession, *, user_id: uuid.UUID, title: str) -> Thread:
+async def insert_thread(db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, title: str) -> Thread:
     row = await (await _driver(db)).fetchrow(
         _INSERT_THREAD,
         uuid.uuid4(),
@@ -131,7 +144,9 @@ async def insert_thread(db: AsyncSession, *, user_id: uuid.UUID, title: str) -> 
     return thread
 
 
-async def get_thread(db: AsyncSession, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
+async def get_thread(
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, thread_id: uuid.UUID
+) -> Thread | None:
     row = await (await _driver(db)).fetchrow(_GET_THREAD, thread_id, user_id)
     return _thread(row)
 
@@ -187,7 +202,7 @@ async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid
 
 
 async def send(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     *,
     user_id: uuid.UUID,
     thread_id: uuid.UUID,
@@ -260,24 +275,15 @@ async def get_message(
 
 
 async def user_message_by_client_id(
-    db: AsyncSession, user_id: uuid.UUID, client_message_id: uuid.UUID
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, client_message_id: uuid.UUID
 ) -> Message | None:
-    stmt = select(Message).where(
-        Message.user_id == user_id,
-        Message.client_message_id == client_message_id,
-        Message.role == ROLE_USER,
-    )
-    return (await db.execute(stmt)).scalar_one_or_none()
+    return _message(await (await _driver(db)).fetchrow(_BY_CLIENT_ID, user_id, client_message_id))
 
 
-async def latest_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> Message | None:
-    stmt = (
-        select(Message)
-        .where(Message.parent_message_id == parent_id, Message.user_id == user_id)
-        .order_by(Message.position.desc())
-        .limit(1)
-    )
-    return (await db.execute(stmt)).scalar_one_or_none()
+async def latest_reply(
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, parent_id: uuid.UUID
+) -> Message | None:
+    return _message(await (await _driver(db)).fetchrow(_LATEST_REPLY, parent_id, user_id))
 
 
 async def has_generating_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> bool:
@@ -374,7 +380,12 @@ class SendContext:
 
 
 async def send_context(
-    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID | None, quota_kind: str, limit: int
+    db: AsyncSession | asyncpg.Connection,
+    *,
+    user_id: uuid.UUID,
+    thread_id: uuid.UUID | None,
+    quota_kind: str,
+    limit: int,
 ) -> SendContext:
     row = await (await _driver(db)).fetchrow(_SEND_CONTEXT, thread_id, user_id, quota_kind, limit)
     assert row is not None

@@ -15,7 +15,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+import asyncpg
 import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server import errors
 from everything_server.ai.provider import ChatMessage, ChatProvider
@@ -209,13 +211,17 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare() -> _Started:
+        async def prepare(sent: asyncio.Future[_Started]) -> None:
             for attempt in range(2):
                 try:
-                    async with self._db.transaction(p.user_id, p.session_id) as s:
-                        return await self._prepare_send(
-                            s, p, reply_id, thread_id, content, client_message_id, model
+                    # Every statement of a send is written for the driver: no ORM session.
+                    async with self._db.driver_transaction(p.user_id, p.session_id) as s:
+                        sent.set_result(
+                            await self._prepare_send(
+                                s, p, reply_id, thread_id, content, client_message_id, model
+                            )
                         )
+                    return
                 except _ClientIdTaken:
                     if attempt:
                         raise errors.Aborted("a concurrent send used the same client_message_id") from None
@@ -240,9 +246,9 @@ class ChatService:
         setup: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
         setup.add_done_callback(_swallow)
 
-        async def prepare() -> _Started:
+        async def prepare(sent: asyncio.Future[_Started]) -> None:
             async with self._db.transaction(p.user_id, p.session_id) as s:
-                return await self._prepare_regenerate(s, p, reply_id, message_id, model)
+                sent.set_result(await self._prepare_regenerate(s, p, reply_id, message_id, model))
 
         self._gen.spawn(reply_id, self._detached(prepare, setup))
         started = await asyncio.shield(setup)
@@ -316,10 +322,23 @@ class ChatService:
     # -- pieces ------------------------------------------------------------------------------------------
 
     async def _detached(self, prepare, setup: asyncio.Future) -> None:
-        """The detached task: create the rows (answering the RPC through `setup`), then generate."""
+        """The detached task: create the rows (answering the RPC through `setup`), then generate.
+
+        `prepare(sent)` runs the setup transaction in a task of its own and hands its rows to `sent`
+        just before its COMMIT. The model is called at once, while that COMMIT waits for the WAL
+        flush (0.2 ms on a fast disk, a millisecond or more on a slow one: time that no longer adds
+        to the first token), but nothing the model answers is relayed, stored or announced before
+        the COMMIT has succeeded (`Generator.run`): a client sees its message saved before it sees
+        a token of the reply. If the COMMIT fails, the upstream request is closed at once and there
+        is no reply to finish."""
+        sent: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+        saving = asyncio.create_task(prepare(sent))
         try:
-            started = await prepare()
+            await asyncio.wait({sent, saving}, return_when=asyncio.FIRST_COMPLETED)
+            if not sent.done() or sent.result().plan is None:
+                await saving  # refused before anything was written, or a retried send: no reply to run
         except asyncio.CancelledError:
+            saving.cancel()
             if not setup.done():
                 setup.set_exception(errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
             return
@@ -327,17 +346,31 @@ class ChatService:
             if not setup.done():
                 setup.set_exception(exc)
             return
+        started = sent.result()
         if started.plan is None:
             setup.set_result(started)
             return
         gen = Generation(started.reply)
-        self._gen.register(gen)
-        setup.set_result(replace(started, generation=gen))
-        await self._gen.run(gen, started.plan)
+        task = asyncio.current_task()
+
+        def committed(t: asyncio.Task) -> None:
+            if t.cancelled() or t.exception() is not None:
+                exc = None if t.cancelled() else t.exception()
+                setup.set_exception(
+                    exc or errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+                )
+                if task is not None:
+                    task.cancel()  # closes the upstream request; `run` finds nothing to finish
+                return
+            self._gen.register(gen, task)
+            setup.set_result(replace(started, generation=gen))
+
+        saving.add_done_callback(committed)
+        await self._gen.run(gen, started.plan, saving)
 
     async def _prepare_send(
         self,
-        s,
+        s: asyncpg.Connection,
         p: Principal,
         reply_id: uuid.UUID,
         thread_id: uuid.UUID | None,
@@ -387,7 +420,12 @@ class ChatService:
         return _Started(thread, user_message, reply, plan)
 
     async def _existing(
-        self, s, p: Principal, user_message: Message, thread_id: uuid.UUID | None, content: str
+        self,
+        s: asyncpg.Connection,
+        p: Principal,
+        user_message: Message,
+        thread_id: uuid.UUID | None,
+        content: str,
     ) -> _Started:
         """A retried send: the pair it created, not a second one."""
         if thread_id is not None and user_message.thread_id != thread_id:
@@ -441,7 +479,7 @@ class ChatService:
 
     async def _plan(
         self,
-        s,
+        s: AsyncSession | asyncpg.Connection,
         p: Principal,
         thread: Thread,
         user_text: str,
