@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import TypeVar
 
 import asyncpg
@@ -29,6 +30,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
 
 from everything_server import errors
 
@@ -46,7 +49,9 @@ def _session_ended() -> errors.Unauthenticated:
     return errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
 
 
-async def _after_driver_error(conn: AsyncConnection, driver: asyncpg.Connection, exc: BaseException) -> None:
+async def _after_driver_error(
+    invalidate: Callable[[], Awaitable[object]], driver: asyncpg.Connection, exc: BaseException
+) -> None:
     """A statement sent on the driver connection (past SQLAlchemy, which would otherwise judge the
     connection) failed or was cancelled. A connection that is gone, or that may still be busy with
     a cancelled statement, leaves the pool (the next user would get "another operation is in
@@ -55,7 +60,7 @@ async def _after_driver_error(conn: AsyncConnection, driver: asyncpg.Connection,
     broken = is_connection_error(exc) or isinstance(exc, asyncpg.InterfaceError) or driver.is_closed()
     if broken or not isinstance(exc, Exception):
         with contextlib.suppress(Exception):
-            await conn.invalidate()
+            await invalidate()
     if broken and isinstance(exc, Exception):
         raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
 
@@ -76,7 +81,12 @@ class _Begun:
         await self._conn.execute("ROLLBACK")
 
 
-async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id: uuid.UUID | None) -> bool:
+async def _begin_as_caller(
+    raw: PoolProxiedConnection,
+    invalidate: Callable[[], Awaitable[object]],
+    user_id: uuid.UUID,
+    session_id: uuid.UUID | None,
+) -> bool:
     """BEGIN, set the caller and check the session in one round trip instead of two.
 
     SQLAlchemy's asyncpg adapter sends BEGIN by itself before a transaction's first statement, so
@@ -87,8 +97,8 @@ async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id
     (its private `_transaction`), so COMMIT and ROLLBACK go out as usual, on success or error.
 
     False (nothing done) when the adapter is not the one this was written for, or already in a
-    transaction: the caller then takes the SQLAlchemy path."""
-    raw = await conn.get_raw_connection()
+    transaction: the caller then takes the SQLAlchemy path. `raw` is the pooled connection, and
+    `invalidate` drops it from the pool after a failure."""
     adapter = raw.dbapi_connection
     # The adapter's own BEGIN for its isolation level: None (the server's default) on a new
     # connection, "read_committed" (SQLAlchemy's default, set back on a connection returned to the
@@ -117,7 +127,7 @@ async def _begin_as_caller(conn: AsyncConnection, user_id: uuid.UUID, session_id
     try:
         status = await driver.execute(query)
     except BaseException as exc:
-        await _after_driver_error(conn, driver, exc)
+        await _after_driver_error(invalidate, driver, exc)
         raise
     if session_id is not None and status != "SELECT 1":
         raise _session_ended()
@@ -235,7 +245,9 @@ class Database:
             waited = time.perf_counter()
             conn = await session.connection()
             self._waited(waited)
-            if user_id is not None and not await _begin_as_caller(conn, user_id, session_id):
+            if user_id is not None and not await _begin_as_caller(
+                await conn.get_raw_connection(), conn.invalidate, user_id, session_id
+            ):
                 # The driver path was not available: the same statements through SQLAlchemy.
                 if session_id is not None:
                     row = (
@@ -248,6 +260,27 @@ class Database:
             yield session
 
     @asynccontextmanager
+    async def _checkout(self) -> AsyncIterator[tuple[PoolProxiedConnection, Callable[[], Awaitable[object]]]]:
+        """A pooled connection itself, without SQLAlchemy's Connection around it (30 µs less per
+        checkout and return, measured), and how to drop it from the pool. At exit it goes back to
+        the pool, whose reset rolls back whatever transaction is still open on it (`_Begun`)."""
+        waited = time.perf_counter()
+        try:
+            raw = await self.engine.raw_connection()
+        except Exception as exc:
+            # engine.connect() would wrap a failed connect in OperationalError; this path does not.
+            if is_connection_error(exc) or is_connection_error(exc.__cause__ or exc):
+                raise errors.Unavailable(
+                    "the database is unavailable", reason="DATABASE_UNAVAILABLE"
+                ) from exc
+            raise
+        self._waited(waited)
+        try:
+            yield raw, partial(greenlet_spawn, raw.invalidate)
+        finally:
+            await greenlet_spawn(raw.close)
+
+    @asynccontextmanager
     async def driver_transaction(
         self, user_id: uuid.UUID, session_id: uuid.UUID | None = None
     ) -> AsyncIterator[asyncpg.Connection]:
@@ -255,22 +288,18 @@ class Database:
         BEGIN-as-caller round trip, then the pooled connection's own asyncpg connection, then
         COMMIT (ROLLBACK on any error), without SQLAlchemy's session around them (measured: 0.17 ms
         less per transaction of three round trips)."""
-        async with self._unit():
-            waited = time.perf_counter()
-            async with self.engine.connect() as conn:
-                self._waited(waited)
-                if not await _begin_as_caller(conn, user_id, session_id):
-                    raise RuntimeError("SQLAlchemy's asyncpg adapter is not the one this was written for")
-                raw = await conn.get_raw_connection()
-                adapter, driver = raw.dbapi_connection, raw.driver_connection
-                try:
-                    yield driver
-                    await adapter._transaction.commit()
-                    adapter._transaction = None
-                except BaseException as exc:
-                    # Closing the connection below rolls back what is still open (`_Begun`).
-                    await _after_driver_error(conn, driver, exc)
-                    raise
+        async with self._unit(), self._checkout() as (raw, invalidate):
+            if not await _begin_as_caller(raw, invalidate, user_id, session_id):
+                raise RuntimeError("SQLAlchemy's asyncpg adapter is not the one this was written for")
+            adapter, driver = raw.dbapi_connection, raw.driver_connection
+            try:
+                yield driver
+                await adapter._transaction.commit()
+                adapter._transaction = None
+            except BaseException as exc:
+                # Returning the connection to the pool rolls back what is still open.
+                await _after_driver_error(invalidate, driver, exc)
+                raise
 
     async def patiently(self, work: Callable[[], Awaitable[T]], *, patience: float) -> T:
         """`work()` (a unit of work with its own transaction), tried again while the database is
@@ -304,13 +333,12 @@ class Database:
         none of SQLAlchemy's per-statement work, and the statement stays prepared on the connection.
         A connection that failed is dropped from the pool."""
         with _unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
+            async with self._checkout() as (raw, invalidate):
                 driver = raw.driver_connection
                 try:
                     yield driver
                 except BaseException as exc:
-                    await _after_driver_error(conn, driver, exc)
+                    await _after_driver_error(invalidate, driver, exc)
                     raise
 
     async def ping(self) -> None:
