@@ -108,7 +108,6 @@ class Limits:
 
     async def hit(self, key: str, *, limit: int, window_seconds: int, subject: str, what: str) -> None:
         """Count one request against `key`; refuse when the window already holds `limit`."""
-
         async with self._db.driver() as conn:
             hits, left = await conn.fetchrow(_HIT, key, window_seconds)
         if hits > limit:
@@ -154,21 +153,12 @@ class Limits:
         if row is None:
             raise self._exceeded(user_id, kind, limit)
 
-    async def check(
-        self,
-        session: AsyncSession | object,
-        user_id: uuid.UUID,
-        kind: str,
-        limit: int,
-        *,
-        used: int | None = None,
-    ) -> None:
-        """Refuse when today's quota is already used up (for costs known only afterwards). `used`:
-        the amount when the caller read it already (`used_today_sql`), else it is read here (the
-        session is only needed then)."""
-        if used is None:
-            assert isinstance(session, AsyncSession)
-            used = (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
+    async def used_today(self, session: AsyncSession, user_id: uuid.UUID, kind: str) -> int:
+        return (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
+
+    def check(self, user_id: uuid.UUID, kind: str, limit: int, *, used: int) -> None:
+        """Refuse when today's quota is already used up (for costs known only afterwards); `used`
+        comes from `used_today`, or from `used_today_sql` in the caller's own statement."""
         if used >= limit:
             raise self._exceeded(user_id, kind, limit)
 

@@ -296,3 +296,13 @@ async def test_replies_count_against_the_daily_token_quota(chat_stub, user, db_c
         "SELECT count(*) FROM messages WHERE thread_id = $1", uuid.UUID(got.user_saved.thread.id)
     )
     assert count == 2  # nothing saved for the refused send
+    # A regeneration reads the quota itself (a send reads it with its context): refused alike.
+    await expect_error(
+        collect(
+            chat_stub.RegenerateMessage(
+                pb.RegenerateMessageRequest(message_id=got.reply_id), metadata=user.md
+            )
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "QUOTA_EXCEEDED",
+    )

@@ -493,9 +493,10 @@ class ChatService:
         """What the model gets for a reply to `user_text`, after `past` (newest first). The quota
         used today and the stored preferences are read here unless the caller has them already."""
         if self._limits is not None:  # over the daily quota: refused, and the transaction rolls back
-            await self._limits.check(
-                s, p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens, used=quota_used
-            )
+            if quota_used is None:
+                assert isinstance(s, AsyncSession)
+                quota_used = await self._limits.used_today(s, p.user_id, QUOTA_KIND)
+            self._limits.check(p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens, used=quota_used)
         if preferences is None:
             prefs = await effective.load(s, p.user_id, self._settings)
         else:
