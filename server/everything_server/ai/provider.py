@@ -359,23 +359,31 @@ class ChatProvider:
     def base_url(self) -> str:
         return str(self._client.base_url)
 
-    def _chat_params(
-        self, model: str, messages: Sequence[ChatMessage], temperature: float | None, max_tokens: int | None
+    def _chat_body(
+        self,
+        model: str,
+        messages: Sequence[ChatMessage],
+        temperature: float | None,
+        max_tokens: int | None,
+        *,
+        stream: bool,
     ) -> dict[str, Any]:
-        params: dict[str, Any] = {
+        """The request body, already in its wire shape. It goes out as it is through the SDK's own
+        `post` (its auth, base URL, retries and timeouts): `chat.completions.create` would first
+        walk every parameter and message against its TypedDicts (measured: 0.15 ms per request
+        with one message, ~110 µs more per message), time added to each reply's first token."""
+        body: dict[str, Any] = {
             "model": model,
-            # The messages travel in `extra_body`, which the SDK sends as it is. Given as `messages`,
-            # the SDK first walks every message against its TypedDicts (measured: ~110 µs per message,
-            # 0.9 ms for 8 on this machine's cores), time added to each reply's first token. Ours are
-            # already in the wire shape: {"role": str, "content": str}.
-            "messages": [],
-            "extra_body": {"messages": [{"role": m.role, "content": m.content} for m in messages]},
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
         }
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         if temperature is not None:
-            params["temperature"] = temperature
+            body["temperature"] = temperature
         if max_tokens is not None:
-            params[self._max_tokens_key] = max_tokens
-        return params
+            body[self._max_tokens_key] = max_tokens
+        return body
 
     async def stream_chat(
         self,
@@ -386,7 +394,7 @@ class ChatProvider:
         max_tokens: int | None = None,
     ) -> AsyncIterator[ChatDelta]:
         """Stream a reply: text deltas, then one with `finish_reason`, then one with `usage`."""
-        params = self._chat_params(model, messages, temperature, max_tokens)
+        body = self._chat_body(model, messages, temperature, max_tokens, stream=True)
         started = time.perf_counter()
         first = True
         span = self.tracer.start_as_current_span(
@@ -397,7 +405,7 @@ class ChatProvider:
         try:
             span.__enter__()
             # aclosing: closing this generator must close the upstream response at once, not at GC.
-            async with contextlib.aclosing(self._stream_chat(params, model)) as deltas:
+            async with contextlib.aclosing(self._stream_chat(body, model)) as deltas:
                 async for delta in deltas:
                     if first and delta.text:
                         first = False
@@ -414,18 +422,26 @@ class ChatProvider:
         finally:
             span.__exit__(None, None, None)
 
-    async def _stream_chat(self, params: dict[str, Any], model: str) -> AsyncIterator[ChatDelta]:
+    async def _stream_chat(self, body: dict[str, Any], model: str) -> AsyncIterator[ChatDelta]:
         with _upstream_errors(model):
-            async with self._client.chat.completions.with_streaming_response.create(
-                **params, stream=True, stream_options={"include_usage": True}, timeout=self._stream_timeout
-            ) as response:
+            # cast_to=httpx2.Response: the SDK hands back the HTTP response as it is (an error
+            # status is raised before, with the SDK's retries), its body unread: streamed here.
+            response = await self._client.post(
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=body,
+                options={"timeout": self._stream_timeout},
+                stream=True,
+                stream_cls=openai.AsyncStream[Any],
+            )
+            try:
                 finished = False
                 decoder = _SSEDecoder()
-                async with contextlib.aclosing(response.http_response.aiter_bytes()) as body:
-                    async for chunk in body:
+                async with contextlib.aclosing(response.aiter_bytes()) as chunks:
+                    async for chunk in chunks:
                         for _event, data in decoder.feed(chunk):
                             if data == b"[DONE]":
-                                await _drain(body)
+                                await _drain(chunks)
                                 return
                             delta = _chat_delta(data)
                             if delta is not None:
@@ -435,6 +451,8 @@ class ChatProvider:
                 # otherwise the upstream went away mid-reply.
                 if not finished:
                     raise _StreamFailed("the model stream ended before the reply was finished")
+            finally:
+                await response.aclose()
 
     async def complete(
         self,
@@ -445,10 +463,10 @@ class ChatProvider:
         max_tokens: int | None = None,
     ) -> tuple[str, Usage | None]:
         """A non-streamed reply (auto titles): (text, usage)."""
-        params = self._chat_params(model, messages, temperature, max_tokens)
+        body = self._chat_body(model, messages, temperature, max_tokens, stream=False)
         with _upstream_errors(model):
-            response = await self._client.chat.completions.with_raw_response.create(**params)
-            obj = _json(response.http_response.content)
+            response = await self._client.post("/chat/completions", cast_to=httpx2.Response, body=body)
+            obj = _json(response.content)
             try:
                 text = obj["choices"][0]["message"].get("content") or ""
                 return text, _usage(obj.get("usage"))
