@@ -76,6 +76,10 @@ class _ClientIdTaken(Exception):
     """A concurrent send with the same client_message_id won the insert; look it up again."""
 
 
+def _shutting_down() -> errors.Unavailable:
+    return errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+
+
 def _swallow(fut: asyncio.Future) -> None:
     # The RPC that waited for it may be gone; the outcome is saved or logged elsewhere.
     if not fut.cancelled():
@@ -340,7 +344,7 @@ class ChatService:
         except asyncio.CancelledError:
             saving.cancel()
             if not setup.done():
-                setup.set_exception(errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
+                setup.set_exception(_shutting_down())
             return
         except Exception as exc:  # domain errors for the caller; anything else is logged by the RPC
             if not setup.done():
@@ -356,9 +360,7 @@ class ChatService:
         def committed(t: asyncio.Task) -> None:
             if t.cancelled() or t.exception() is not None:
                 exc = None if t.cancelled() else t.exception()
-                setup.set_exception(
-                    exc or errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
-                )
+                setup.set_exception(exc or _shutting_down())
                 if task is not None:
                     task.cancel()  # closes the upstream request; `run` finds nothing to finish
                 return

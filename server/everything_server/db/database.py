@@ -49,6 +49,10 @@ def _session_ended() -> errors.Unauthenticated:
     return errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
 
 
+def _database_unavailable() -> errors.Unavailable:
+    return errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE")
+
+
 async def _after_driver_error(
     invalidate: Callable[[], Awaitable[object]], driver: asyncpg.Connection, exc: BaseException
 ) -> None:
@@ -62,7 +66,7 @@ async def _after_driver_error(
         with contextlib.suppress(Exception):
             await invalidate()
     if broken and isinstance(exc, Exception):
-        raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+        raise _database_unavailable() from exc
 
 
 class _Begun:
@@ -175,7 +179,7 @@ def _unavailable_on_disconnect() -> Iterator[None]:
         raise
     except Exception as exc:
         if is_connection_error(exc):
-            raise errors.Unavailable("the database is unavailable", reason="DATABASE_UNAVAILABLE") from exc
+            raise _database_unavailable() from exc
         raise
 
 
@@ -270,9 +274,7 @@ class Database:
         except Exception as exc:
             # engine.connect() would wrap a failed connect in OperationalError; this path does not.
             if is_connection_error(exc) or is_connection_error(exc.__cause__ or exc):
-                raise errors.Unavailable(
-                    "the database is unavailable", reason="DATABASE_UNAVAILABLE"
-                ) from exc
+                raise _database_unavailable() from exc
             raise
         self._waited(waited)
         try:
