@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     elif settings.workers > 1:
         sys.exit(_supervise(settings))
     else:
-        asyncio.run(_serve(settings))
+        # On a loop whose selector admission control reads the load from (rpc.admission).
+        from everything_server.rpc.admission import new_event_loop
+
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(settings))
 
 
 if __name__ == "__main__":

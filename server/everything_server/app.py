@@ -26,7 +26,7 @@ from everything_server.container import Container
 from everything_server.db import migrate
 from everything_server.image import wiring as image_wiring
 from everything_server.preferences import wiring as preferences_wiring
-from everything_server.rpc.admission import LoopLagMonitor
+from everything_server.rpc.admission import LoopLagMonitor, StreamAdmission
 from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from everything_server.search import wiring as search_wiring
 
@@ -99,7 +99,12 @@ class App:
         if s.migrate_on_start:
             await migrate.upgrade_async(c.migration_url)
         await c.start()
-        self.loop_lag = LoopLagMonitor(metrics=c.metrics, warn_above=s.max_loop_lag_ms / 1000)
+        admission = StreamAdmission(
+            s.max_streams_per_process, target_load=s.admission_target_load, metrics=c.metrics
+        )
+        self.loop_lag = LoopLagMonitor(
+            metrics=c.metrics, warn_above=s.max_loop_lag_ms / 1000, admission=admission
+        )
         self.server = grpc.aio.server(
             interceptors=[
                 ServerInterceptor(
@@ -109,6 +114,7 @@ class App:
                     ready=lambda: self.db_ready,
                     tracing=c.tracing,
                     loop_lag=self.loop_lag,
+                    admission=admission,
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,

@@ -55,7 +55,8 @@ class Metrics:
         self.overload_refusals = Counter(
             "everything_overload_refusals_total",
             "New streams refused by admission control (SERVER_OVERLOADED), by cause: the process's "
-            "stream cap (streams) or a late event loop (loop_lag)",
+            "configured stream cap (streams), its adaptive stream limit (load) or a late event loop "
+            "(loop_lag)",
             ["cause"],
             registry=r,
         )
@@ -63,6 +64,17 @@ class Metrics:
             "everything_event_loop_lag_seconds",
             "How late the event loop runs its timers, smoothed (admission control refuses new "
             "streams above EVERYTHING_MAX_LOOP_LAG_MS)",
+            registry=r,
+        )
+        self.loop_load = Gauge(
+            "everything_event_loop_load_ratio",
+            "Share of wall time the event loop is not waiting for I/O (running callbacks, or waiting "
+            "for a CPU), smoothed; admission control keeps it near EVERYTHING_ADMISSION_TARGET_LOAD",
+            registry=r,
+        )
+        self.stream_limit = Gauge(
+            "everything_stream_limit",
+            "Open streams this process admits now (adaptive, at most EVERYTHING_MAX_STREAMS_PER_PROCESS)",
             registry=r,
         )
         self.loop_busy = Gauge(

@@ -377,6 +377,170 @@ def test_the_loop_lag_is_smoothed_so_one_pause_does_not_refuse_for_long():
     assert m.last == 0.0 and m.peak == 1.5
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_adaptive_stream_limit_follows_the_loop_load():
+    from everything_server.rpc.admission import StreamAdmission
+
+    clock = _Clock()
+    a = StreamAdmission(100, target_load=0.8, floor=4, clock=clock)
+    for _ in range(50):
+        assert a.take() is None
+    assert a.limit == 100
+    # An overloaded loop: the limit comes down to 90% of the streams open now...
+    a.adjust(0.95)
+    assert a.limit == 45
+    assert a.take() == "load" and a.streams == 50
+    # ... at most every quarter second, and not again while streams are still above it.
+    clock.now += 0.1
+    a.adjust(0.95)
+    assert a.limit == 45
+    clock.now += 0.3
+    a.adjust(0.95)
+    assert a.limit == 45
+    for _ in range(10):
+        a.release()
+    a.adjust(0.95)
+    assert a.limit == 36
+    # Within the band it stays.
+    clock.now += 1
+    a.adjust(0.8)
+    assert a.limit == 36
+    # Below it, while the limit is what keeps streams out, it goes up again, faster the more room
+    # the loop has.
+    while a.take() is None:
+        pass
+    before = a.limit
+    clock.now += 0.05
+    a.adjust(0.7)
+    small = a.limit - before
+    clock.now += 0.05
+    a.adjust(0.1)
+    assert 1 <= small < a.limit - before - small
+    # Not while it keeps no one out: a limit far above the streams open is not raised further.
+    for _ in range(a.streams - 10):
+        a.release()
+    held = a.limit
+    clock.now += 0.05
+    a.adjust(0.1)
+    assert a.limit == held
+    # Never below the floor, never above the configured cap (whose refusals say `streams`).
+    while a.streams > 2:
+        a.release()
+    for _ in range(20):
+        clock.now += 1
+        a.adjust(0.99)
+    assert a.limit == 4
+    for _ in range(400):
+        clock.now += 0.05
+        while a.take() is None:
+            pass
+        a.adjust(0.0)
+    assert a.limit == 100 and a.take() == "streams"
+
+
+def test_without_a_target_the_limit_is_the_configured_cap():
+    from everything_server.rpc.admission import StreamAdmission
+
+    a = StreamAdmission(3, target_load=0, clock=_Clock())
+    for _ in range(3):
+        assert a.take() is None
+    a.adjust(0.99)
+    assert a.limit == 3 and a.take() == "streams"
+
+
+def test_the_retry_delay_grows_with_the_rate_of_refusals():
+    from everything_server.rpc import admission as adm
+
+    clock = _Clock()
+    a = adm.StreamAdmission(1, target_load=0, clock=clock)
+    assert a.take() is None
+    a.adjust(0.5)
+    # Rare refusals: come back in 1-2 s.
+    delays = [a.retry_after() for _ in range(200)]
+    assert 1.0 <= min(delays) and max(delays) <= 2.0 and max(delays) - min(delays) > 0.5
+    # Many: a longer delay, so that clients honouring it come back at a rate the process answers
+    # without effort; capped.
+    for _ in range(40):
+        for _ in range(20):  # 20 refusals in 50 ms: 400 a second
+            assert a.take() == "streams"
+        clock.now += 0.05
+        a.adjust(0.5)
+    assert a.refusal_rate > 300
+    delays = [a.retry_after() for _ in range(200)]
+    assert min(delays) >= adm.RETRY_AFTER_MAX_SECONDS
+    assert max(delays) <= 2 * adm.RETRY_AFTER_MAX_SECONDS
+    # And back once refusals stop.
+    for _ in range(60):
+        clock.now += 0.05
+        a.adjust(0.5)
+    assert a.refusal_rate < 1 and max(a.retry_after() for _ in range(50)) <= 2.0
+
+
+def test_the_servers_event_loop_reports_its_load_from_its_selector():
+    """The entry point's loop (`new_event_loop`): the load counts time spent running callbacks or
+    waiting for a CPU, whatever the thread's CPU time says."""
+    from everything_server.metrics import Metrics
+    from everything_server.rpc.admission import LoopLagMonitor, new_event_loop
+
+    async def main() -> tuple[float, float, float]:
+        metrics = Metrics()
+        monitor = LoopLagMonitor(interval=0.02, metrics=metrics)
+        monitor.start()
+        try:
+            await asyncio.sleep(0.5)
+            idle = monitor.load
+            # Callbacks that block without using the CPU: busy for the loop, idle for the thread.
+            hog = _LoopHog(block=0.04, every=0.001)
+            hog.start()
+            try:
+                await _until(lambda: monitor.load > 0.7, 10, "the load to rise")
+            finally:
+                hog.stop()
+            return idle, monitor.load, monitor.busy
+        finally:
+            await monitor.stop()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        idle, loaded, busy = runner.run(main())
+    assert idle < 0.3
+    assert loaded > 0.7
+    assert busy < 0.5  # time.sleep is not CPU time: only the selector saw the loop was busy
+
+
+async def test_a_process_past_its_adaptive_limit_refuses_with_the_cause_load():
+    from everything_server.metrics import Metrics
+    from everything_server.rpc.admission import StreamAdmission
+
+    metrics = Metrics()
+    admission = StreamAdmission(10, target_load=0.8, floor=1, metrics=metrics)
+    caps = Caps(max_streams_per_user=10, max_streams_per_process=10)
+    server = _generic(ServerInterceptor(_verify, caps=caps, metrics=metrics, admission=admission))
+    ch = await _serve(server)
+    try:
+        stream = ch.unary_stream("/test.Caps/Stream")
+        first = stream(b"", metadata=_md(1))
+        assert await first.read() == b"tick"
+        admission.adjust(0.99)  # the loop is overloaded: the limit comes down to the one stream
+        assert admission.limit == 1 and metrics.stream_limit._value.get() == 1
+        d = await expect_error(stream(b"", metadata=_md(2)).read(), EXHAUSTED, "SERVER_OVERLOADED")
+        assert d.retry_after is not None and d.retry_after >= 1
+        assert metrics.overload_refusals.labels("load")._value.get() == 1
+        # Unary calls are not refused by it.
+        assert await ch.unary_unary("/test.Caps/Sleep")(b"0", metadata=_md(3)) == b"done"
+        first.cancel()
+        await _until(lambda: admission.streams == 0, 5, "the stream's slot to come back")
+    finally:
+        await ch.close()
+        await server.stop(0)
+
+
 async def test_the_server_refuses_streams_past_its_cap_and_says_so_in_metrics(settings_env):
     """The real app: settings → caps, the loop lag gauge, refusals counted by cause."""
     from everything.chat.v1 import chat_service_pb2 as chat_pb

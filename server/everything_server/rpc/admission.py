@@ -1,27 +1,44 @@
 """Admission control: past capacity a new stream is refused at once, never queued.
 
-A server process has one event loop. Past what that loop can serve, every stream slows down
-together: time to first token grows to seconds and grpc cancels calls the loop never picked up. So
-new server-streaming calls are refused with RESOURCE_EXHAUSTED (reason SERVER_OVERLOADED, RetryInfo)
-while either
+New server-streaming calls are refused with RESOURCE_EXHAUSTED (reason SERVER_OVERLOADED, with a
+RetryInfo) while
 
-- the process already holds `max_streams_per_process` open streams (a memory bound), or
-- the event loop is late: `LoopLagMonitor` wakes every `interval` seconds and measures how much
-  later than asked `asyncio.sleep` came back; a smoothed value above `max_loop_lag_seconds` means
-  the loop has more ready work than it can run (a CPU bound, whatever the number of streams).
+- the process holds `max_streams_per_process` open streams (a memory bound, cause `streams`), or
+- the process holds as many streams as its adaptive limit (`StreamAdmission`, cause `load`), when
+  one is configured (`admission_target_load` > 0; off by default, see below): lowered while the
+  event loop's load (the share of wall time it is not waiting for I/O: running callbacks, or
+  runnable and waiting for a CPU) stays above the target, raised back while it is below, never
+  above the configured cap nor below a small floor, or
+- the event loop is late beyond `max_loop_lag_seconds` (an emergency brake for stalls, cause
+  `loop_lag`): `LoopLagMonitor` wakes every `interval` seconds and measures how much later than
+  asked `asyncio.sleep` came back.
 
-What it cannot see (measured on 2 cores, 1,000 offered streams): grpc.aio accepts one call at a
-time (one outstanding request, answered through its completion-queue thread, so at least a couple of
-loop iterations per call). A saturated process therefore leaves new calls, refusals included,
-waiting in grpc core's queue before any of this code runs, while the loop's timer lag stays at
-3-40 ms. The caps keep a process from taking on more than it can serve; turning the excess away in
-milliseconds takes a proxy in front (Envoy's limits) or more processes.
+The load is read from the loop's selector (`TimedSelector`, installed by `new_event_loop`, which the
+server's entry point runs on); on another loop it falls back to the loop thread's CPU share, which
+cannot see a process starved of CPU by others. A refusal asks the client to come back after a delay
+that grows with the rate of refusals (jittered), so clients honouring RetryInfo do not keep a full
+process busy refusing them.
+
+Why past capacity new calls wait instead of being refused (measured on 2 cores, 1,000 offered
+streams at 50 tokens/s, one process): grpc.aio accepts calls method by method, one outstanding
+request per method, and each accepted call costs a turnaround through grpc core's completion queue
+thread and the event loop. On a saturated process that turnaround is tens of milliseconds (a health
+check took 20-190 ms) although the loop still ran 6,000-9,000 iterations a second, so SendMessage
+calls were accepted at about 45 a second, the rate streams ended: about 180 streams were open and
+the other 800 calls waited 0.3-4 s in grpc core before any code of ours saw them, refusals
+included. The adaptive limit keeps the process below saturation, so the turnaround stays short: at
+a target load of 0.85, refusals came back in 16-19 ms (p50; p99 0.23-0.24 s) and admitted streams
+got their first token in 24-36 ms (p50) instead of 0.6-1.3 s (3.5 s in one run). The price,
+measured in the same runs: fewer tokens/s at that load (4.6-5.6k instead of 7.4-8.9k); a burst of
+cheap streams right after (1,000 at 2 tokens/s opened within 5 s) had 337-450 refused while the
+limit came back up; and behind Envoy with two replicas on the same 2 cores, tokens/s fell to 2.7k
+(from 15k) with refusals still at 0.46 s (p50). So it is off by default: a deployment that prefers
+refusals to slow first tokens turns it on.
 
 Streams already admitted run on; unary calls (short, and how clients see an overloaded server's
 state) and health checks are never refused by this. The lag is smoothed (an exponentially weighted
 mean of samples capped at 250 ms) so that one long pause does not refuse calls for long, while
-lateness that lasts crosses the threshold within a few samples; it falls back within a few
-intervals once the load is gone.
+lateness that lasts crosses the threshold within a few samples.
 """
 
 from __future__ import annotations
@@ -29,7 +46,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import selectors
 import time
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +61,149 @@ LAG_SMOOTHING = 0.2
 # call, a process that was stopped) must not refuse streams for long; lateness that lasts does.
 LAG_SAMPLE_CAP_SECONDS = 0.25
 BUSY_SMOOTHING = 0.1
+# The load is smoothed over about the last 5 samples (a quarter of a second).
+LOAD_SMOOTHING = 0.2
+
+# The load a StreamAdmission aims for when turned on without a target of its own: on 2 cores, 0.85
+# gave the fastest refusals for the throughput lost (0.8: slower first tokens and less throughput;
+# 0.9: refusals at p50 65 ms). A saturated loop reads 0.95-0.98.
+TARGET_LOAD = 0.85
+# Above target + band the limit comes down; below target - band it may go up.
+LOAD_BAND = 0.05
+# The limit never goes below this many streams (however loaded the loop is by other work).
+MIN_STREAM_LIMIT = 8
+# Coming down: to 90% of the streams open now, at most every quarter second (streams end slowly,
+# and the load needs a few samples to show the last step).
+DECREASE_FACTOR = 0.9
+DECREASE_EVERY_SECONDS = 0.25
+# Going up, while the limit is what keeps streams out: per sample, by a share that grows with the
+# room left (1% just under the band, at most 10% on an idle loop; at least 1 stream), so that a limit
+# lowered by an overload is back within a second or two once the load is gone.
+INCREASE_SHARE = 0.2
+INCREASE_MAX = 0.1
+# RetryInfo of a refusal: 1-2 s while refusals are rare; past this many refusals a second, the delay
+# grows with their rate (a base of up to RETRY_AFTER_MAX_SECONDS, spread over base to twice the
+# base, so that refused clients do not come back together), so that clients honouring
+# it come back at a rate the process answers without effort (a refusal costs about 0.4 ms of CPU).
+REFUSALS_PER_SECOND = 25.0
+RETRY_AFTER_MAX_SECONDS = 10.0
+# What one refusal costs the loop (accepting the call, the status, the abort, the access log line;
+# measured on 2 cores with every new stream refused). The limit is steered by the load without the
+# refusals' share: fewer streams would not make refusing cheaper; the growing RetryInfo does.
+REFUSAL_COST_SECONDS = 0.0004
+
+
+class TimedSelector(selectors.DefaultSelector):
+    """The platform's default selector, adding up the seconds its event loop waited in select()
+    (`idle`): the rest of the wall time the loop was running callbacks or waiting for a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle = 0.0
+
+    def select(self, timeout=None):
+        start = time.perf_counter()
+        try:
+            return super().select(timeout)
+        finally:
+            self.idle += time.perf_counter() - start
+
+
+_TIMED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TimedSelector] = weakref.WeakKeyDictionary()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The server's event loop: asyncio's selector loop on a `TimedSelector`, so that
+    `LoopLagMonitor` reads its load (`asyncio.Runner(loop_factory=new_event_loop)`)."""
+    selector = TimedSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    _TIMED[loop] = selector
+    return loop
+
+
+class StreamAdmission:
+    """The open-stream count of one process and its adaptive limit (see the module's docstring).
+
+    `take()` admits a new stream or says why not; `release()` gives its slot back; `adjust()` is
+    called by `LoopLagMonitor` with each load sample; `retry_after()` is the delay a refusal asks
+    for. `target_load` 0 turns the adaptive limit off (the limit stays at `ceiling`)."""
+
+    def __init__(
+        self,
+        ceiling: int,
+        *,
+        target_load: float = TARGET_LOAD,
+        floor: int = MIN_STREAM_LIMIT,
+        clock=time.monotonic,
+        metrics=None,
+    ):
+        if ceiling < 1 or not 0 <= target_load < 1:
+            raise ValueError("ceiling must be positive and target_load in [0, 1)")
+        self.ceiling = ceiling
+        self.floor = min(floor, ceiling)
+        self.target_load = target_load
+        self.limit = ceiling
+        self.streams = 0
+        self.metrics = metrics  # a metrics.Metrics: the stream limit gauge
+        self._clock = clock
+        self._next_decrease = 0.0
+        self._refused = 0  # since the last sample
+        self.refusal_rate = 0.0  # per second, smoothed
+        self._last_sample: float | None = None
+        if metrics is not None:
+            metrics.stream_limit.set(self.limit)
+
+    def take(self) -> str | None:
+        """Admits a new stream (None) or names the cause of its refusal: `streams` (the ceiling) or
+        `load` (the adaptive limit)."""
+        if self.streams >= self.limit:
+            self._refused += 1
+            return "streams" if self.limit >= self.ceiling else "load"
+        self.streams += 1
+        return None
+
+    def release(self) -> None:
+        self.streams -= 1
+
+    def refused_elsewhere(self) -> None:
+        """A stream refused for another cause (the lag brake) counts in the refusal rate too."""
+        self._refused += 1
+
+    def retry_after(self) -> float:
+        base = min(max(1.0, self.refusal_rate / REFUSALS_PER_SECOND), RETRY_AFTER_MAX_SECONDS)
+        return base * (1.0 + random.random())  # noqa: S311 - jitter, not a secret
+
+    def adjust(self, load: float, *, overloaded: bool = False) -> None:
+        """One load sample (0-1); `overloaded` forces the limit down (the lag brake is on)."""
+        now = self._clock()
+        if self._last_sample is not None and now > self._last_sample:
+            rate = self._refused / (now - self._last_sample)
+            self.refusal_rate += LOAD_SMOOTHING * (rate - self.refusal_rate)
+        self._last_sample, self._refused = now, 0
+        if self.target_load <= 0:
+            return
+        limit = self.limit
+        load -= self.refusal_rate * REFUSAL_COST_SECONDS
+        if overloaded or load > self.target_load + LOAD_BAND:
+            if self.streams <= limit and now >= self._next_decrease:
+                limit = max(self.floor, min(limit, int(self.streams * DECREASE_FACTOR)))
+                self._next_decrease = now + DECREASE_EVERY_SECONDS
+        elif load < self.target_load - LOAD_BAND and self.streams >= limit * 0.9:
+            room = (self.target_load - LOAD_BAND - load) / self.target_load
+            step = int(limit * min(INCREASE_MAX, INCREASE_SHARE * room))
+            limit = min(self.ceiling, limit + max(1, step))
+        if limit != self.limit:
+            self.limit = limit
+            if self.metrics is not None:
+                self.metrics.stream_limit.set(limit)
 
 
 class LoopLagMonitor:
-    """How late the running event loop is, smoothed, in seconds (`lag`), and the share of wall time
-    its thread spent on the CPU (`busy`, smoothed; a gauge for operators, not an admission rule).
-    Start it on the loop it watches; `stop()` ends it."""
+    """How late the running event loop is, smoothed, in seconds (`lag`); the share of wall time it
+    was not waiting for I/O (`load`, smoothed; from its `TimedSelector`, else its thread's CPU
+    share); and that thread's CPU share (`busy`, smoothed, a gauge for operators). Each sample also
+    goes to `admission` (a StreamAdmission), if given. Start it on the loop it watches; `stop()`
+    ends it."""
 
     def __init__(
         self,
@@ -55,6 +212,7 @@ class LoopLagMonitor:
         smoothing: float = LAG_SMOOTHING,
         metrics=None,
         warn_above: float | None = None,
+        admission: StreamAdmission | None = None,
     ):
         if interval <= 0 or not 0 < smoothing <= 1:
             raise ValueError("interval must be positive and smoothing in (0, 1]")
@@ -63,11 +221,13 @@ class LoopLagMonitor:
         self.metrics = metrics  # a metrics.Metrics, for the loop lag gauge
         # Log when the smoothed lag goes above this (streams are being refused) and when it is back.
         self.warn_above = warn_above
+        self.admission = admission
         self._late = False
         self.lag = 0.0  # smoothed
         self.last = 0.0  # the latest sample
         self.peak = 0.0  # the largest sample seen
         self.busy = 0.0  # smoothed share of wall time the loop's thread spent on the CPU
+        self.load = 0.0  # smoothed share of wall time the loop was not waiting for I/O
         self._task: asyncio.Task | None = None
 
     def __call__(self) -> float:
@@ -111,14 +271,31 @@ class LoopLagMonitor:
         if self.metrics is not None:
             self.metrics.loop_busy.set(self.busy)
 
+    def observe_load(self, share: float) -> None:
+        self.load += LOAD_SMOOTHING * (min(max(share, 0.0), 1.0) - self.load)
+        if self.metrics is not None:
+            self.metrics.loop_load.set(self.load)
+        if self.admission is not None:
+            self.admission.adjust(self.load, overloaded=self._late)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        selector = _TIMED.get(loop)
         interval = self.interval
         cpu = time.thread_time()
+        idle = selector.idle if selector is not None else 0.0
         while True:
             start = loop.time()
             await asyncio.sleep(interval)
             now, cpu_now = loop.time(), time.thread_time()
+            wall = max(now - start, 1e-6)
             self.observe(now - start - interval)
-            self.observe_busy((cpu_now - cpu) / max(now - start, 1e-6))
+            busy = (cpu_now - cpu) / wall
+            self.observe_busy(busy)
+            if selector is not None:
+                idle_now = selector.idle
+                self.observe_load(1.0 - (idle_now - idle) / wall)
+                idle = idle_now
+            else:
+                self.observe_load(busy)
             cpu = cpu_now

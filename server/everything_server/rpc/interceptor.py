@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
 import time
 import uuid
@@ -27,6 +26,7 @@ from everything_server.limits import Limits
 from everything_server.metrics import Metrics
 from everything_server.rpc import context as ctx
 from everything_server.rpc import status as st
+from everything_server.rpc.admission import StreamAdmission
 from everything_server.tracing import Tracing
 
 log = logging.getLogger("everything.access")
@@ -89,12 +89,6 @@ class Caps:
     unary_timeout_seconds: float = 30.0
 
 
-def _retry_after() -> float:
-    """When an overloaded server asks to be called again: 1-2 s, spread so that refused clients do
-    not all come back in the same instant."""
-    return 1.0 + random.random()  # noqa: S311 - jitter, not a secret
-
-
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -106,6 +100,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         ready: Callable[[], bool] | None = None,
         tracing: Tracing | None = None,
         loop_lag: Callable[[], float] | None = None,
+        admission: StreamAdmission | None = None,
     ):
         self._tracing = tracing
         self._loop_lag = loop_lag  # seconds the event loop runs late (rpc.admission.LoopLagMonitor)
@@ -114,7 +109,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._limits = limits
         self._caps = caps or Caps()
         self._metrics = metrics
-        self._streams = 0
+        # Open streams and their limit (adaptive when the app's LoopLagMonitor feeds it; else the
+        # configured cap).
+        self._admission = admission or StreamAdmission(self._caps.max_streams_per_process, target_load=0)
         self._streams_by_user: dict[uuid.UUID, int] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -271,21 +268,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         """Admission of a new stream: refused at once while the process is full or its event loop
         is late; else one of the process's stream slots is taken (give it back with
         `_release_stream_slot`)."""
-        caps = self._caps
-        if self._streams >= caps.max_streams_per_process:
-            self._overloaded("streams")
+        caps, admission = self._caps, self._admission
         if (
             self._loop_lag is not None
             and caps.max_loop_lag_seconds > 0
             and self._loop_lag() > caps.max_loop_lag_seconds
         ):
+            admission.refused_elsewhere()
             self._overloaded("loop_lag")
-        self._streams += 1
+        cause = admission.take()
+        if cause is not None:
+            self._overloaded(cause)
         if self._metrics is not None:
             self._metrics.active_streams.inc()
 
     def _release_stream_slot(self) -> None:
-        self._streams -= 1
+        self._admission.release()
         if self._metrics is not None:
             self._metrics.active_streams.dec()
 
@@ -293,7 +291,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.overload_refused(cause)
         raise errors.ResourceExhausted(
-            "the server is at capacity; retry shortly", reason="SERVER_OVERLOADED", retry_after=_retry_after()
+            "the server is at capacity; retry shortly",
+            reason="SERVER_OVERLOADED",
+            retry_after=self._admission.retry_after(),
         )
 
     @contextmanager
