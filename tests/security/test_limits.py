@@ -573,6 +573,9 @@ async def test_the_server_refuses_streams_past_its_cap_and_says_so_in_metrics(se
             assert m[("everything_overload_refusals_total", (("cause", "streams"),))] == 1
             assert m[("everything_limit_refusals_total", (("reason", "SERVER_OVERLOADED"),))] == 1
             assert 0 <= m[("everything_event_loop_lag_seconds", ())] < 0.25
+            assert 0 <= m[("everything_event_loop_load_ratio", ())] <= 1
+            # No target load configured: the limit is the configured cap.
+            assert m[("everything_stream_limit", ())] == 1
             # With the stream finished, its slot is free again.
             third = chat.SendMessage(
                 chat_pb.SendMessageRequest(content="admission [mock:tokens=2]"), metadata=user.md
