@@ -9,6 +9,8 @@ Systems (each in its own processes; the mock model always is `python -m everythi
 
 - ``direct``    the openai SDK streaming from the mock itself: the floor.
 - ``grpc-1``    authenticated SendMessage through ONE everything-server process, saving to PostgreSQL.
+- ``grpc-1-admit`` the same with the opt-in adaptive admission control on
+               (EVERYTHING_ADMISSION_TARGET_LOAD=0.85): past capacity, refusals instead of waits.
 - ``grpc-N``    the same through N processes (one per core), each on its own port; the client
                round-robins over them (the server does not set SO_REUSEPORT, see the report).
 - ``grpcweb``   gRPC-Web through Envoy (`everything-gateway`) in front of the N processes.
@@ -28,7 +30,7 @@ default 50 tokens/s per stream, 1,000 streams offer 50,000 tokens/s, far past wh
 - The CONCURRENCY scenario (`--concurrency-streams`, default 1,000) opens that many streams at once
   at a low rate (default 2 tokens/s, 40-token replies: 20 s each, one per client, all started within
   5 s), so they are all open together at a load the machine can carry: errors, peak open streams,
-  peak RSS and KB per open stream, for grpc-1 and LiteLLM (`--concurrency-systems`).
+  peak RSS and KB per open stream, for grpc-1, grpc-1-admit and LiteLLM (`--concurrency-systems`).
 
 Database writes per reply (`--writes-tokens`, `--writes-rates`): transactions (pg_stat_database)
 and rows written (pg_stat_user_tables) per reply, for short and long replies at the mock's rate and
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -62,8 +65,11 @@ from tests.bench import profile as pyspy  # noqa: E402
 
 ROOT = systems.ROOT
 PROMPT = "Tell me a short story about a quiet river and the light on the water."
-ALL_SYSTEMS = ("direct", "litellm", "grpc-1", "grpc-N", "grpcweb")
-SERVER_SYSTEMS = ("litellm", "grpc-1", "grpc-N", "grpcweb")  # a process whose memory is measured
+ALL_SYSTEMS = ("direct", "litellm", "grpc-1", "grpc-1-admit", "grpc-N", "grpcweb")
+SERVER_SYSTEMS = ("litellm", "grpc-1", "grpc-1-admit", "grpc-N", "grpcweb")  # memory is measured
+# grpc-1-admit: grpc-1 with the adaptive admission control on (off by default, see rpc/admission.py);
+# a --server-env of the same name wins.
+ADMIT_ENV = {"EVERYTHING_ADMISSION_TARGET_LOAD": "0.85"}
 UNARY_METHODS = ("GetPreferences", "ListThreads", "GetCurrentUser")
 TTFT_DIRECTIVE = "[mock:tokens=3]"  # the TTFT run's replies: over in about 60 ms at the mock's rate
 
@@ -139,8 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-ramp", type=float, default=5.0, help="streams start within (default 5 s)")
     p.add_argument(
         "--concurrency-systems",
-        default="grpc-1,litellm",
-        help="systems of the concurrency scenario, among those run (default grpc-1,litellm)",
+        default="grpc-1,grpc-1-admit,litellm",
+        help="systems of the concurrency scenario, among those run (default grpc-1,grpc-1-admit,litellm)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy profile of one server under stream load")
     p.add_argument("--profile-concurrency", type=int, default=64, help="streams during the profile")
@@ -314,8 +320,11 @@ class Bench:
                 System(name, "openai", url, api_key=systems.LITELLM_MASTER_KEY, server_pids=[]),
                 [p],
             )
-        n = 1 if name == "grpc-1" else a.servers
-        started = await systems.start_servers(self.run_dir, self.senv, n, name)
+        n = a.servers if name in ("grpc-N", "grpcweb") else 1
+        senv = self.senv
+        if name == "grpc-1-admit":
+            senv = dataclasses.replace(senv, extra={**ADMIT_ENV, **senv.extra})
+        started = await systems.start_servers(self.run_dir, senv, n, name)
         ps = [p for p, _ in started]
         self._track(*ps)
         ports = [port for _, port in started]
