@@ -20,20 +20,22 @@ that grows with the rate of refusals (jittered), so clients honouring RetryInfo 
 process busy refusing them.
 
 Why past capacity new calls wait instead of being refused (measured on 2 cores, 1,000 offered
-streams at 50 tokens/s, one process): grpc.aio accepts calls method by method, one outstanding
-request per method, and each accepted call costs a turnaround through grpc core's completion queue
-thread and the event loop. On a saturated process that turnaround is tens of milliseconds (a health
-check took 20-190 ms) although the loop still ran 6,000-9,000 iterations a second, so SendMessage
-calls were accepted at about 45 a second, the rate streams ended: about 180 streams were open and
-the other 800 calls waited 0.3-4 s in grpc core before any code of ours saw them, refusals
-included. The adaptive limit keeps the process below saturation, so the turnaround stays short: at
-a target load of 0.85, refusals came back in 16-19 ms (p50; p99 0.23-0.24 s) and admitted streams
-got their first token in 24-36 ms (p50) instead of 0.6-1.3 s (3.5 s in one run). The price,
-measured in the same runs: fewer tokens/s at that load (4.6-5.6k instead of 7.4-8.9k); a burst of
-cheap streams right after (1,000 at 2 tokens/s opened within 5 s) had 337-450 refused while the
-limit came back up; and behind Envoy with two replicas on the same 2 cores, tokens/s fell to 2.7k
-(from 15k) with refusals still at 0.46 s (p50). So it is off by default: a deployment that prefers
-refusals to slow first tokens turns it on.
+streams at 50 tokens/s, one process): about 180 streams were open and the other 800 calls waited
+0.3-4 s (from their deadlines) before any code of ours saw them, refusals included, and only about
+45 a second got through, the rate streams ended. The wait is per method, in grpc core and grpc.aio's
+accept path: a health check on the same process meanwhile answered in 20-190 ms, and the loop still
+ran 6,000-9,000 iterations a second (not saturated by its own callbacks). Three more grpc.aio servers
+on the same port in the process did not shorten it; holding fewer streams did. So the adaptive limit
+keeps the process below saturation: at a target load of 0.85, refusals came back in 16-128 ms (p50;
+p99 0.23-0.55 s) and admitted streams got their first token in 24-48 ms (p50) instead of 0.6-1.3 s
+(3.5 s in one run). The price, measured in the same runs: fewer tokens/s at that load (4.6-5.6k
+instead of 7.4-8.9k); a burst of cheap streams right after (1,000 at 2 tokens/s opened within 5 s)
+had 337-450 refused, because the load of their setup alone crosses the target although the process
+serves them all in time without the limit; and behind Envoy with two replicas on the same 2 cores,
+tokens/s fell to 2.7k (from 15k) with refusals still at 0.46 s (p50). So it is off by default: a
+deployment that prefers refusals to slow first tokens turns it on. The loop's load is the wrong
+predictor of that wait (a self-probe of SendMessage's own wait did no better, tried and left out);
+what would be right is an answer from grpc core before the call is queued.
 
 Streams already admitted run on; unary calls (short, and how clients see an overloaded server's
 state) and health checks are never refused by this. The lag is smoothed (an exponentially weighted
