@@ -27,7 +27,7 @@ accept path: a health check on the same process meanwhile answered in 20-190 ms,
 ran 6,000-9,000 iterations a second (not saturated by its own callbacks). Three more grpc.aio servers
 on the same port in the process did not shorten it; holding fewer streams did. So the adaptive limit
 keeps the process below saturation: at a target load of 0.85, refusals came back in 16-128 ms (p50;
-p99 0.23-0.55 s) and admitted streams got their first token in 24-48 ms (p50) instead of 0.6-1.3 s
+p99 0.23-0.58 s) and admitted streams got their first token in 24-48 ms (p50) instead of 0.4-1.5 s
 (3.5 s in one run). The price, measured in the same runs: fewer tokens/s at that load (4.6-5.6k
 instead of 7.4-8.9k); a burst of cheap streams right after (1,000 at 2 tokens/s opened within 5 s)
 had 337-450 refused, because the load of their setup alone crosses the target although the process
