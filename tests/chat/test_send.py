@@ -61,6 +61,17 @@ async def test_a_reply_streams_in_order_with_consecutive_seqs_and_is_saved(chat_
     assert user_row["role"] == "user" and user_row["status"] == "completed"
 
 
+async def test_a_fast_reply_comes_in_fewer_messages_than_tokens_all_of_it_in_order(chat_stub, user, settings):
+    """The text is paced (EVERYTHING_STREAM_INTERVAL_MS, 40 ms by default): 60 tokens 10 ms apart
+    come in about one message per interval, the first at once, none lost or reordered."""
+    assert settings.stream_interval_ms == 40
+    got = await send(chat_stub, user, f"Pace {marker()} [mock:tokens=60 rate=100]")
+    deltas = got.of("text_delta")
+    assert 2 <= len(deltas) <= 30, len(deltas)  # one per token (about 60) without pacing
+    assert got.final.content == got.text and len(got.text.split()) == 60
+    assert_seqs(got.events[1:], first=1, last=1 + 60 + 3)
+
+
 async def test_the_user_message_is_saved_before_the_model_is_called(chat_stub, user, db_conn, mock_model):
     word = marker()
     call = chat_stub.SendMessage(

@@ -168,7 +168,9 @@ class Generation:
         self.final: Message | None = None
         self.lost = False  # the row stopped being GENERATING under us (expired or deleted)
         self.task: asyncio.Task | None = None
+        self.ending = False  # an event other than a delta came (usage, title, done): no more pacing
         self._changed = asyncio.Event()
+        self._pausing: set[asyncio.Future] = set()  # followers pacing their deltas (`follow`)
 
     @property
     def content(self) -> str:
@@ -185,26 +187,58 @@ class Generation:
         self.events.append(ev)
         if ev.kind == DELTA:
             self.parts.append(ev.text)
-        elif ev.kind == USAGE:
-            self.usage = ev.usage
+        else:
+            if ev.kind == USAGE:
+                self.usage = ev.usage
+            self.ending = True
+            for waiter in self._pausing:
+                _wake(waiter)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return ev
 
-    async def follow(self, after_seq: int) -> AsyncIterator[Event]:
+    async def follow(self, after_seq: int, interval: float = 0.0) -> AsyncIterator[Event]:
         """Events with seq > after_seq, then live ones, until `done` (always delivered). Deltas that
-        are ready together come as one (`coalesce`)."""
+        are ready together come as one (`coalesce`).
+
+        `interval` (seconds) paces the text: after a delta is sent, the next one waits until
+        `interval` has passed since, taking with it every token that arrived meanwhile, so a
+        stream costs one message (one write, one wake-up of the client) per interval instead of
+        one per token. The first delta is never held (time to first token is unchanged), nor is
+        the end of the reply: usage, title and `done` wake a waiting follower at once."""
+        loop = asyncio.get_running_loop()
         i = max(0, min(after_seq, len(self.events) - 1))
         while True:
             if i == len(self.events):
                 await self._changed.wait()
                 continue
+            sent = loop.time()
             ready = self.events[i:]
             i += len(ready)
             for ev in coalesce(ready, after_seq):
                 yield ev
                 if ev.kind == DONE:
                     return
+            if interval > 0 and ready[-1].kind == DELTA and not self.ending:
+                await self._pause(sent + interval - loop.time())
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the reply starts ending meanwhile (`append`)."""
+        if seconds <= 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, waiter)
+        self._pausing.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._pausing.discard(waiter)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _uncancellable(aw: Awaitable[Any], timeout: float) -> Any:  # noqa: ASYNC109

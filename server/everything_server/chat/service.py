@@ -526,7 +526,7 @@ class ChatService:
         gen = gen or self._gen.local(reply.id)
         failure = None
         if gen is not None and gen.user_id == p.user_id:
-            async for ev in gen.follow(after_seq):
+            async for ev in gen.follow(after_seq, self._settings.stream_interval_ms / 1000):
                 message = gen.started if ev.kind == START else gen.final if ev.kind == DONE else None
                 yield self._out(ev, reply, message)
                 failure = ev.error if ev.kind == DONE else None
