@@ -26,7 +26,7 @@ from everything_server.container import Container
 from everything_server.db import migrate
 from everything_server.image import wiring as image_wiring
 from everything_server.preferences import wiring as preferences_wiring
-from everything_server.rpc.admission import LoopLagMonitor, StreamAdmission
+from everything_server.rpc.admission import CallBacklog, LoopLagMonitor, StreamAdmission
 from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from everything_server.search import wiring as search_wiring
 
@@ -103,7 +103,10 @@ class App:
             s.max_streams_per_process, target_load=s.admission_target_load, metrics=c.metrics
         )
         self.loop_lag = LoopLagMonitor(
-            metrics=c.metrics, warn_above=s.max_loop_lag_ms / 1000, admission=admission
+            metrics=c.metrics,
+            warn_above=s.max_loop_lag_ms / 1000,
+            admission=admission,
+            backlog=CallBacklog(),
         )
         self.server = grpc.aio.server(
             interceptors=[

@@ -77,6 +77,17 @@ class Metrics:
             "Open streams this process admits now (adaptive, at most EVERYTHING_MAX_STREAMS_PER_PROCESS)",
             registry=r,
         )
+        self.call_backlog = Gauge(
+            "everything_call_backlog",
+            "Calls grpc core has received that no code of the server has taken yet (past capacity "
+            "new calls wait there, before admission control can see them)",
+            registry=r,
+        )
+        self.call_wait = Gauge(
+            "everything_call_wait_seconds",
+            "How long the oldest call waiting in grpc core has waited (to 50 ms)",
+            registry=r,
+        )
         self.loop_busy = Gauge(
             "everything_event_loop_busy_ratio",
             "Share of wall time the event loop's thread spends on the CPU, smoothed",

@@ -576,6 +576,9 @@ async def test_the_server_refuses_streams_past_its_cap_and_says_so_in_metrics(se
             assert 0 <= m[("everything_event_loop_load_ratio", ())] <= 1
             # No target load configured: the limit is the configured cap.
             assert m[("everything_stream_limit", ())] == 1
+            # Nothing waits in grpc core on an idle server.
+            assert m[("everything_call_backlog", ())] == 0
+            assert m[("everything_call_wait_seconds", ())] == 0
             # With the stream finished, its slot is free again.
             third = chat.SendMessage(
                 chat_pb.SendMessageRequest(content="admission [mock:tokens=2]"), metadata=user.md
@@ -584,3 +587,93 @@ async def test_the_server_refuses_streams_past_its_cap_and_says_so_in_metrics(se
                 pass
     finally:
         await server.stop(grace=1)
+
+
+class _Counts:
+    """What channelz and the interceptors would say, by hand, on a clock of our own."""
+
+    def __init__(self):
+        self.started = self.seen = 0
+        self.now = 0.0
+
+
+def _backlog(counts: _Counts):
+    from everything_server.rpc.admission import CallBacklog
+
+    return CallBacklog(started=lambda: counts.started, seen=lambda: counts.seen, clock=lambda: counts.now)
+
+
+def test_the_backlog_counts_calls_grpc_core_holds_and_how_long_the_oldest_waited():
+    counts = _Counts()
+    b = _backlog(counts)
+    assert b.sample(0.9) == 0 and b.wait == 0
+    counts.started, counts.now = 10, 0.05  # ten calls came in since the last sample
+    assert b.sample(0.9) == 10
+    counts.now = 0.1
+    counts.started = 15
+    b.sample(0.9)
+    counts.now = 0.5  # nothing taken: the oldest has waited since the sample that first showed it
+    b.sample(0.9)
+    assert b.backlog == 15 and b.wait == pytest.approx(0.45)
+    counts.seen, counts.now = 12, 0.6  # twelve taken: the oldest left came in by the second sample
+    b.sample(0.9)
+    assert b.backlog == 3 and b.wait == pytest.approx(0.5)
+    counts.seen, counts.now = 15, 0.65  # all taken
+    assert b.sample(0.9) == 0 and b.wait == 0
+
+
+def test_calls_cancelled_while_waiting_are_forgotten_once_the_loop_is_quiet():
+    from everything_server.rpc.admission import QUIET_SAMPLES
+
+    counts = _Counts()
+    b = _backlog(counts)
+    counts.started, counts.seen = 20, 17  # three calls gave up while waiting: never taken
+    for i in range(QUIET_SAMPLES - 1):  # busy: they may still be waiting
+        counts.now = 0.05 * (i + 1)
+        assert b.sample(0.95) == 3
+    for _ in range(QUIET_SAMPLES):  # quiet for a quarter second: nothing can be waiting
+        counts.now += 0.05
+        b.sample(0.3)
+    assert b.baseline == 3 and b.backlog == 0 and b.wait == 0
+    counts.started, counts.now = 25, counts.now + 0.05  # new calls still count
+    assert b.sample(0.95) == 5
+    counts.seen, counts.now = 25, counts.now + 0.05  # fewer waiting than the baseline: it follows
+    assert b.sample(0.95) == 0 and b.baseline == 0
+
+
+def test_the_backlog_of_a_real_server_whose_loop_is_blocked():
+    """grpc core takes calls while the event loop is blocked; the interceptor sees them later."""
+    from everything_server.rpc.admission import CallBacklog, core_calls_started
+
+    async def main() -> tuple[int, float, int]:
+        server = _generic(ServerInterceptor(_verify, caps=Caps()))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        b = CallBacklog()
+        try:
+            b.sample(0.3)
+            assert core_calls_started() is not None
+
+            def call(n: int) -> None:  # a client of its own (grpc's sync stack, another thread)
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    sleep = ch.unary_unary("/test.Caps/Sleep")
+                    for i in range(n):
+                        assert sleep(b"0", metadata=_md(i), timeout=10) == b"done"
+
+            client = asyncio.get_running_loop().run_in_executor(None, call, 1)
+            # The loop is blocked for a second: the call waits in grpc core, sampled as it waits.
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+                b.sample(0.99)
+            waiting, wait = b.backlog, b.wait
+            await asyncio.wait_for(client, 10)
+            await _until(lambda: b.sample(0.99) == 0, 5, "the call to be taken")
+            return waiting, wait, b.backlog
+        finally:
+            await server.stop(0)
+
+    waiting, wait, after = asyncio.run(main())
+    assert waiting == 1
+    assert 0.5 < wait <= 1.0
+    assert after == 0

@@ -20,22 +20,26 @@ that grows with the rate of refusals (jittered), so clients honouring RetryInfo 
 process busy refusing them.
 
 Why past capacity new calls wait instead of being refused (measured on 2 cores, 1,000 offered
-streams at 50 tokens/s, one process): about 180 streams were open and the other 800 calls waited
-0.3-4 s (from their deadlines) before any code of ours saw them, refusals included, and only about
-45 a second got through, the rate streams ended. The wait is per method, in grpc core and grpc.aio's
-accept path: a health check on the same process meanwhile answered in 20-190 ms, and the loop still
-ran 6,000-9,000 iterations a second (not saturated by its own callbacks). Three more grpc.aio servers
-on the same port in the process did not shorten it; holding fewer streams did. So the adaptive limit
-keeps the process below saturation: at a target load of 0.85, refusals came back in 16-128 ms (p50;
-p99 0.23-0.58 s) and admitted streams got their first token in 24-48 ms (p50) instead of 0.4-1.5 s
-(3.5 s in one run). The price, measured in the same runs: fewer tokens/s at that load (4.6-5.6k
-instead of 7.4-8.9k); a burst of cheap streams right after (1,000 at 2 tokens/s opened within 5 s)
-had 337-450 refused, because the load of their setup alone crosses the target although the process
-serves them all in time without the limit; and behind Envoy with two replicas on the same 2 cores,
-tokens/s fell to 2.7k (from 15k) with refusals still at 0.46 s (p50). So it is off by default: a
-deployment that prefers refusals to slow first tokens turns it on. The loop's load is the wrong
-predictor of that wait (a self-probe of SendMessage's own wait did no better, tried and left out);
-what would be right is an answer from grpc core before the call is queued.
+streams at 50 tokens/s, one process): about 150-180 streams were open and the other calls waited in
+grpc core, where no code of ours sees them, refusals included. `CallBacklog` counts them (channelz's
+calls started minus the calls our interceptors saw): about 900 waited there through the run, and
+only about 50 a second were taken, the rate streams ended. grpc.aio takes one call of a method at a
+time from grpc core, each a few event loop iterations away from the last: a health check on the same
+process meanwhile answered in 20-190 ms. Three more grpc.aio servers on the same port in the process
+did not shorten the wait; holding fewer streams did. So the adaptive limit keeps the process below
+saturation: at a target load of 0.85, refusals came back in 16-128 ms (p50; p99 0.23-0.58 s) and
+admitted streams got their first token in 24-48 ms (p50) instead of 0.4-1.5 s (3.5 s in one run).
+The price, measured in the same runs: fewer tokens/s at that load (4.6-5.6k instead of 7.4-8.9k); a
+burst of cheap streams right after (1,000 at 2 tokens/s opened within 5 s) had 337-450 refused,
+because the load of their setup alone crosses the target although the process serves them all in
+time without the limit; and behind Envoy with two replicas on the same 2 cores, tokens/s fell to
+2.7k (from 15k) with refusals still at 0.46 s (p50). So it is off by default: a deployment that
+prefers refusals to slow first tokens turns it on. Steering the limit by the backlog's own wait
+instead (lower it while the oldest waiting call has waited more than 0.25, 0.5 or 1 s) was tried and
+left out: a refusal still comes only after that wait (p50 0.33 s at 0.25 s), and the burst above
+had 565-656 of its streams refused, because its calls do wait that long (first tokens at p99 1 s
+without any limit). A self-probe of SendMessage's own wait did no better. What would answer at once
+is grpc core refusing before the call is queued.
 
 Streams already admitted run on; unary calls (short, and how clients see an overloaded server's
 state) and health checks are never refused by this. The lag is smoothed (an exponentially weighted
@@ -46,7 +50,9 @@ lateness that lasts crosses the threshold within a few samples.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import random
 import selectors
@@ -93,6 +99,87 @@ RETRY_AFTER_MAX_SECONDS = 10.0
 # measured on 2 cores with every new stream refused). The limit is steered by the load without the
 # refusals' share: fewer streams would not make refusing cheaper; the growing RetryInfo does.
 REFUSAL_COST_SECONDS = 0.0004
+
+
+# Calls waiting in grpc core (`CallBacklog`). At or below this load, calls cannot be waiting for the
+# loop: what is left of the count after a quarter second of such samples is calls that were
+# cancelled while they waited, which grpc core forgets without counting them as finished.
+QUIET_LOAD = 0.6
+QUIET_SAMPLES = 5
+# How far back the arrival times of waiting calls are kept (a longer wait reads as this long).
+BACKLOG_HISTORY_SECONDS = 30.0
+
+# Every call the process's interceptors have seen (all servers of the process: channelz counts them
+# all).
+_calls_seen = 0
+
+
+def saw_call() -> None:
+    """An interceptor saw a new call (counted before anything else, whatever becomes of it)."""
+    global _calls_seen
+    _calls_seen += 1
+
+
+def core_calls_started() -> int | None:
+    """Calls grpc core has started on all servers of this process (channelz), or None if it cannot
+    tell."""
+    from grpc._cython import cygrpc  # channelz has no public Python API but its service
+
+    try:
+        servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+        return sum(int(s.get("data", {}).get("callsStarted", 0)) for s in servers)
+    except Exception:  # channelz off (grpc.enable_channelz=0) or a format of another version
+        return None
+
+
+class CallBacklog:
+    """The calls grpc core holds that no code of ours has taken yet, and how long the oldest of them
+    has waited: past capacity calls wait there, because grpc.aio takes one call of a method at a
+    time from grpc core, a few event loop iterations each (see the module's docstring).
+
+    `sample(load)` reads channelz's count of calls started (all servers of the process) and the
+    count of calls the interceptors saw (`saw_call`): the difference is what waits. Call n (in
+    arrival order) arrived between the last sample that had fewer than n started and the first that
+    had n, so the oldest waiting call's age is known to a sample's precision without a clock per
+    call. A call cancelled while it waited (its deadline passed) is started and never seen, and
+    channelz does not count it as finished either: such calls are the `baseline`, learnt while the
+    loop is quiet, when no call can be waiting."""
+
+    def __init__(self, *, started=core_calls_started, seen=lambda: _calls_seen, clock=time.monotonic):
+        self._started = started
+        self._seen = seen
+        self._clock = clock
+        self.baseline = 0
+        self.backlog = 0  # calls waiting
+        self.wait = 0.0  # seconds the oldest of them has waited
+        self._quiet: list[int] = []
+        self._history: collections.deque[tuple[float, int]] = collections.deque()  # (time, started)
+
+    def sample(self, load: float) -> int | None:
+        started, seen, now = self._started(), self._seen(), self._clock()
+        if started is None:
+            return None
+        waiting = started - seen
+        self.baseline = min(self.baseline, waiting)  # never more than what is there
+        if load <= QUIET_LOAD:
+            self._quiet.append(waiting)
+            if len(self._quiet) >= QUIET_SAMPLES:
+                self.baseline = max(self.baseline, min(self._quiet))
+                self._quiet.clear()
+        else:
+            self._quiet.clear()
+        self.backlog = max(0, waiting - self.baseline)
+        history = self._history
+        history.append((now, started))
+        # The oldest waiting call is number `oldest` of those started: drop the samples before the
+        # one it first shows in (keeping one that had it, or the newest).
+        oldest = started - self.backlog + 1
+        while len(history) > 1 and (history[1][1] < oldest or history[0][0] < now - BACKLOG_HISTORY_SECONDS):
+            history.popleft()
+        if len(history) > 1 and history[0][1] < oldest:  # it came after that sample
+            history.popleft()
+        self.wait = now - history[0][0] if self.backlog > 0 else 0.0
+        return self.backlog
 
 
 class TimedSelector(selectors.DefaultSelector):
@@ -215,6 +302,7 @@ class LoopLagMonitor:
         metrics=None,
         warn_above: float | None = None,
         admission: StreamAdmission | None = None,
+        backlog: CallBacklog | None = None,
     ):
         if interval <= 0 or not 0 < smoothing <= 1:
             raise ValueError("interval must be positive and smoothing in (0, 1]")
@@ -224,6 +312,7 @@ class LoopLagMonitor:
         # Log when the smoothed lag goes above this (streams are being refused) and when it is back.
         self.warn_above = warn_above
         self.admission = admission
+        self.backlog = backlog  # calls waiting in grpc core, read with each sample (gauges)
         self._late = False
         self.lag = 0.0  # smoothed
         self.last = 0.0  # the latest sample
@@ -277,6 +366,10 @@ class LoopLagMonitor:
         self.load += LOAD_SMOOTHING * (min(max(share, 0.0), 1.0) - self.load)
         if self.metrics is not None:
             self.metrics.loop_load.set(self.load)
+        backlog = self.backlog
+        if backlog is not None and backlog.sample(self.load) is not None and self.metrics is not None:
+            self.metrics.call_backlog.set(backlog.backlog)
+            self.metrics.call_wait.set(backlog.wait)
         if self.admission is not None:
             self.admission.adjust(self.load, overloaded=self._late)
 

@@ -26,7 +26,7 @@ from everything_server.limits import Limits
 from everything_server.metrics import Metrics
 from everything_server.rpc import context as ctx
 from everything_server.rpc import status as st
-from everything_server.rpc.admission import StreamAdmission
+from everything_server.rpc.admission import StreamAdmission, saw_call
 from everything_server.tracing import Tracing
 
 log = logging.getLogger("everything.access")
@@ -115,6 +115,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._streams_by_user: dict[uuid.UUID, int] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
+        saw_call()  # taken from grpc core (rpc.admission.CallBacklog)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
