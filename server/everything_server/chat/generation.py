@@ -226,8 +226,9 @@ class Generation:
         """Sleep `seconds`, or less if the reply starts ending meanwhile (`append`)."""
         if seconds <= 0:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        timer = asyncio.get_running_loop().call_later(seconds, _wake, waiter)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
         self._pausing.add(waiter)
         try:
             await waiter

@@ -291,7 +291,7 @@ class LoopLagMonitor:
     """How late the running event loop is, smoothed, in seconds (`lag`); the share of wall time it
     was not waiting for I/O (`load`, smoothed; from its `TimedSelector`, else its thread's CPU
     share); and that thread's CPU share (`busy`, smoothed, a gauge for operators). Each sample also
-    goes to `admission` (a StreamAdmission), if given. Start it on the loop it watches; `stop()`
+    goes to `admission` (a StreamAdmission), if given, and reads `backlog` (a CallBacklog: gauges). Start it on the loop it watches; `stop()`
     ends it."""
 
     def __init__(
