@@ -106,7 +106,8 @@ class App:
             metrics=c.metrics,
             warn_above=s.max_loop_lag_ms / 1000,
             admission=admission,
-            backlog=CallBacklog(),
+            # Read for its gauges only: not at all while no one can scrape them.
+            backlog=CallBacklog() if s.metrics_port is not None else None,
         )
         self.server = grpc.aio.server(
             interceptors=[
