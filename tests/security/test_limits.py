@@ -359,6 +359,26 @@ async def test_a_late_event_loop_refuses_new_streams_while_unary_calls_go_on():
         await server.stop(0)
 
 
+def test_the_backlog_is_read_every_few_load_samples_not_at_each():
+    """channelz is dear to read (grpc core's locks, the GIL held): the gauges get it twice a second."""
+    from everything_server.rpc.admission import BACKLOG_EVERY_SAMPLES, CallBacklog, LoopLagMonitor
+
+    counts = _Counts()
+    reads = []
+    backlog = CallBacklog(started=lambda: reads.append(1) or counts.started, seen=lambda: counts.seen)
+    m = LoopLagMonitor(backlog=backlog)
+    counts.started = 4
+    for _ in range(BACKLOG_EVERY_SAMPLES - 1):
+        m.observe_load(0.9)
+    assert reads == [] and backlog.backlog == 0
+    m.observe_load(0.9)
+    assert len(reads) == 1 and backlog.backlog == 4
+    for _ in range(2 * BACKLOG_EVERY_SAMPLES):
+        m.observe_load(0.9)
+    assert len(reads) == 3
+    assert BACKLOG_EVERY_SAMPLES > 1
+
+
 def test_the_loop_lag_is_smoothed_so_one_pause_does_not_refuse_for_long():
     from everything_server.rpc.admission import LoopLagMonitor
 
