@@ -23,9 +23,10 @@ async def mock() -> AsyncIterator[MockModelServer]:
         yield server
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["native", "aiohttp", "httpx"])
 def transport(request: pytest.FixtureRequest) -> str:
-    """Every provider test runs on both HTTP transports the SDK offers: they must behave the same."""
+    """Every provider test runs on every HTTP transport (http1's push, and the two the SDK offers):
+    they must behave the same."""
     return request.param
 
 

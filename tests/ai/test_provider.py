@@ -4,10 +4,8 @@ error mapping, cancellation reaching the upstream, titles, images and settings."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -50,10 +48,12 @@ async def collect(
     """All deltas of a stream, and the error that ended it (if any)."""
     deltas: list[ChatDelta] = []
     try:
-        async for delta in provider.stream_chat(model=MODEL, messages=user(text), **kwargs):
-            deltas.append(delta)
+        end = await provider.relay_chat(
+            model=MODEL, messages=user(text), on_text=lambda t: deltas.append(ChatDelta(t)), **kwargs
+        )
     except Exception as exc:  # the test inspects it
         return deltas, exc
+    deltas.append(ChatDelta("", end.usage, end.finish_reason))
     return deltas, None
 
 
@@ -170,23 +170,25 @@ async def test_connection_refused_maps_to_unavailable(transport: str) -> None:
         await provider.aclose()
 
 
-async def test_aclose_mid_stream_aborts_the_upstream(mock: MockModelServer, provider: ChatProvider) -> None:
-    stream = provider.stream_chat(model=MODEL, messages=user("[mock:tokens=200 rate=100]"))
-    async with contextlib.aclosing(stream):
-        seen = [d async for d in _take(stream, 3)]
+async def test_a_consumer_error_mid_stream_aborts_the_upstream(
+    mock: MockModelServer, provider: ChatProvider
+) -> None:
+    seen: list[str] = []
+
+    class Enough(Exception):
+        pass
+
+    def on_text(text: str) -> None:
+        seen.append(text)
+        if len(seen) == 3:
+            raise Enough
+
+    with pytest.raises(Enough):
+        await provider.relay_chat(model=MODEL, messages=user("[mock:tokens=200 rate=100]"), on_text=on_text)
     assert len(seen) == 3
     abort = await mock.wait_for_abort(timeout=3)
     assert abort.path == "/v1/chat/completions" and abort.model == MODEL
     assert 3 <= abort.sent < 200
-
-
-async def _take(stream: AsyncIterator[ChatDelta], n: int) -> AsyncIterator[ChatDelta]:
-    count = 0
-    async for item in stream:
-        yield item
-        count += 1
-        if count == n:
-            return
 
 
 async def test_task_cancel_mid_stream_aborts_the_upstream(
@@ -194,11 +196,11 @@ async def test_task_cancel_mid_stream_aborts_the_upstream(
 ) -> None:
     first = asyncio.Event()
 
-    async def consume() -> None:
-        async for _ in provider.stream_chat(model=MODEL, messages=user("[mock:tokens=200 rate=100]")):
-            first.set()
-
-    task = asyncio.create_task(consume())
+    task = asyncio.create_task(
+        provider.relay_chat(
+            model=MODEL, messages=user("[mock:tokens=200 rate=100]"), on_text=lambda _: first.set()
+        )
+    )
     await asyncio.wait_for(first.wait(), 3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

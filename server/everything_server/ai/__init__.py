@@ -7,6 +7,7 @@ its own with `python -m everything_server.ai.mock` (or `python -m everything_ser
 
 from everything_server.ai.provider import (
     ChatDelta,
+    ChatEnd,
     ChatMessage,
     ChatProvider,
     ImageCompleted,
@@ -17,6 +18,7 @@ from everything_server.ai.provider import (
 
 __all__ = [
     "ChatDelta",
+    "ChatEnd",
     "ChatMessage",
     "ChatProvider",
     "ImageCompleted",

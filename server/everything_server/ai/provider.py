@@ -4,9 +4,16 @@ server (vLLM, Ollama, LM Studio, the project's own mock).
 Why raw streaming: the SDK's typed stream builds a pydantic object for every chunk (about 210 µs
 each, most of a relay's CPU; see the performance issue). We keep the SDK for what it is good at
 (auth, base URL, headers, retries of the initial request, error classes) through
-`with_streaming_response`, and parse the SSE bytes ourselves with orjson. The HTTP transport is the
-SDK's own aiohttp adapter (`openai.DefaultAioHttpClient`), which costs a third of the CPU per chunk
-of its default httpx2 transport; `transport="httpx"` selects the default one (tests run both).
+`with_streaming_response`, and parse the SSE bytes ourselves with orjson.
+
+Transports (`transport=`; tests run all three): "native", the default, sends chat streams through
+`http1.Http1Transport`, which hands each body chunk to the SSE parser from the socket's read, with no
+async iterator and no task wake-up per chunk (`relay_chat` is push-based for that reason: the text
+goes to a callback), and everything else through the SDK's aiohttp adapter
+(`openai.DefaultAioHttpClient`, a third of the CPU per chunk of the SDK's default httpx2 transport).
+"aiohttp" and "httpx" use that one transport for everything, the stream's body pulled chunk by chunk.
+A proxy configured in the environment makes "native" streams go through aiohttp too (http1 speaks no
+proxy protocol).
 
 Timeouts: `openai_timeout_seconds` is the SDK/httpx timeout for each operation of a non-streamed
 request (connect uses `openai_connect_timeout_seconds`). For chat streams the read timeout is the
@@ -15,10 +22,10 @@ stall timeout instead: the time allowed between two reads from the socket, which
 stream; the caller's deadline (a gRPC deadline, a cancel) ends it by cancelling the task. Image
 generation is slow between steps, so it keeps `openai_timeout_seconds` as its read timeout.
 
-Cancellation: `stream_chat` and `generate_image` are async generators holding the HTTP response in
-`async with`; `aclose()` or cancelling the consuming task closes the response, which closes the TCP
-connection, so the upstream stops generating (and billing). Consumers should use
-`contextlib.aclosing(...)` so that happens at once, not when the generator is garbage collected.
+Cancellation: cancelling a task in `relay_chat` closes the HTTP response (in a `finally`), which
+closes the TCP connection, so the upstream stops generating (and billing). `generate_image` is an
+async generator holding the response in `async with`: its consumers use `contextlib.aclosing(...)`
+so that closing happens at once, not when the generator is garbage collected.
 
 Errors become domain errors (`everything_server.errors`), raised after whatever text was already
 yielded (the caller keeps the partial reply):
@@ -45,7 +52,8 @@ import contextlib
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +63,7 @@ import openai
 import orjson
 from opentelemetry import trace
 
+from everything_server.ai.http1 import PUSH, Http1Transport
 from everything_server.errors import (
     DeadlineExceeded,
     DomainError,
@@ -85,11 +94,21 @@ class Usage:
     completion_tokens: int
 
 
-@dataclass(slots=True)  # not frozen: one is built per chunk and frozen dataclasses init slower
+@dataclass(slots=True)
 class ChatDelta:
+    """A piece of a streamed reply, for callers that collect them (`relay_chat` pushes text only)."""
+
     text: str = ""
     usage: Usage | None = None
     finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatEnd:
+    """How a streamed reply ended: the finish reason and the usage the upstream reported (if any)."""
+
+    finish_reason: str | None
+    usage: Usage | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +187,8 @@ def _usage(
     return Usage(int(raw.get(prompt_key) or 0), int(raw.get(completion_key) or 0))
 
 
-def _chat_delta(data: bytes) -> ChatDelta | None:
-    """One `chat.completion.chunk` → a delta, or None when it carries nothing (the role chunk)."""
+def _chat_delta(data: bytes) -> tuple[str, str | None, Usage | None]:
+    """One `chat.completion.chunk` → (text, finish_reason, usage); the role chunk carries none."""
     obj = _json(data)
     try:
         text, finish = "", None
@@ -183,9 +202,43 @@ def _chat_delta(data: bytes) -> ChatDelta | None:
         usage = _usage(obj.get("usage"))
     except (AttributeError, TypeError, ValueError, IndexError):
         raise _BadResponse("the model upstream sent a chunk of an unexpected shape") from None
-    if not text and finish is None and usage is None:
-        return None
-    return ChatDelta(text, usage, finish)
+    return text, finish, usage
+
+
+class _ChatStream:
+    """The SSE body of one chat stream, fed chunk by chunk (pushed by http1 or pulled from httpx):
+    text goes to `on_text` as it comes; `first` is called once, before the first text."""
+
+    __slots__ = ("_decoder", "done", "finish", "first", "on_done", "on_text", "usage")
+
+    def __init__(self, on_text: Callable[[str], object], first: Callable[[], object] | None) -> None:
+        self._decoder = _SSEDecoder()
+        self.on_text = on_text
+        self.first = first
+        self.on_done: Callable[[], object] | None = None  # called when `data: [DONE]` came
+        self.done = False
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        for _event, data in self._decoder.feed(chunk):
+            if self.done:
+                return
+            if data == b"[DONE]":
+                self.done = True
+                if self.on_done is not None:
+                    self.on_done()
+                return
+            text, finish, usage = _chat_delta(data)
+            if text:
+                if self.first is not None:
+                    self.first, first = None, self.first
+                    first()
+                self.on_text(text)
+            if finish is not None:
+                self.finish = finish
+            if usage is not None:
+                self.usage = usage
 
 
 def _retry_after(headers: httpx2.Headers) -> float | None:
@@ -288,6 +341,14 @@ async def _drain(body: AsyncIterator[bytes]) -> None:
                 pass
 
 
+def _proxied(scheme: str, host: str) -> bool:
+    """Whether the environment routes requests to `host` through a proxy (HTTP(S)_PROXY, NO_PROXY)."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(host)
+
+
 class ChatProvider:
     """Chat, titles, images and model listing against one OpenAI-compatible upstream."""
 
@@ -302,7 +363,7 @@ class ChatProvider:
         max_retries: int = 2,
         chat_model: str = "gpt-4o-mini",
         image_model: str = "gpt-image-1",
-        transport: Literal["aiohttp", "httpx"] = "aiohttp",
+        transport: Literal["native", "aiohttp", "httpx"] = "native",
     ) -> None:
         self.chat_model = chat_model
         self.image_model = image_model
@@ -314,10 +375,10 @@ class ChatProvider:
         # pool, without the SDK adding our API key to a request for someone else's host.
         # The SDK's aiohttp transport costs about a third of the CPU per streamed chunk of its default
         # httpx2/httpcore2 transport (measured: ~22 vs ~62 µs per chunk read on loopback).
-        if transport == "aiohttp":
-            self._http = openai.DefaultAioHttpClient(timeout=default_timeout)
-        else:
+        if transport == "httpx":
             self._http = openai.DefaultAsyncHttpxClient(timeout=default_timeout)
+        else:
+            self._http = openai.DefaultAioHttpClient(timeout=default_timeout)
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -325,6 +386,17 @@ class ChatProvider:
             max_retries=max_retries,
             http_client=self._http,
         )
+        # Chat streams: the same SDK client (auth, base URL, retries) over http1 (see the module's
+        # docstring), unless another transport was asked for or a proxy is in the way.
+        self._streams = self._client
+        self._stream_headers: dict[str, str] = {}
+        url = self._client.base_url
+        if transport == "native" and not _proxied(url.scheme, url.host):
+            self._streams = self._client.copy(
+                http_client=httpx2.AsyncClient(transport=Http1Transport(), timeout=default_timeout)
+            )
+            # A pushed body is handed on as it comes: no content decoding on the way.
+            self._stream_headers = {"Accept-Encoding": "identity"}
         # OpenAI's own API wants `max_completion_tokens` (reasoning models reject `max_tokens`);
         # compatible servers have long understood `max_tokens` and not all know the new name.
         self._max_tokens_key = (
@@ -385,74 +457,70 @@ class ChatProvider:
             body[self._max_tokens_key] = max_tokens
         return body
 
-    async def stream_chat(
+    async def relay_chat(
         self,
         *,
         model: str,
         messages: Sequence[ChatMessage],
+        on_text: Callable[[str], object],
         temperature: float | None = None,
         max_tokens: int | None = None,
-    ) -> AsyncIterator[ChatDelta]:
-        """Stream a reply: text deltas, then one with `finish_reason`, then one with `usage`."""
+    ) -> ChatEnd:
+        """Stream a reply: each piece of text goes to `on_text` as it arrives (called from the
+        socket's read with the native transport: it must not block), and the end is returned.
+        Failures raise domain errors after the text already relayed; cancelling the caller closes
+        the upstream response at once."""
         body = self._chat_body(model, messages, temperature, max_tokens, stream=True)
         started = time.perf_counter()
-        first = True
-        span = self.tracer.start_as_current_span(
+        metrics = self.metrics
+        first = (lambda: metrics.first_token(model, started)) if metrics is not None else None
+        parser = _ChatStream(on_text, first)
+        with self.tracer.start_as_current_span(
             "upstream.chat.completions",
             kind=trace.SpanKind.CLIENT,
             attributes={"gen_ai.request.model": model},
+        ):
+            try:
+                with _upstream_errors(model):
+                    await self._relay(body, parser)
+            except DomainError as exc:
+                if metrics is not None:
+                    metrics.upstream_error(exc.reason)
+                trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, exc.reason))
+                raise
+        if parser.usage is not None and metrics is not None:
+            metrics.tokens(model, parser.usage.prompt_tokens, parser.usage.completion_tokens)
+        return ChatEnd(parser.finish, parser.usage)
+
+    async def _relay(self, body: dict[str, Any], parser: _ChatStream) -> None:
+        # cast_to=httpx2.Response: the SDK hands back the HTTP response as it is (an error status is
+        # raised before, with the SDK's retries), its body unread: streamed here.
+        response = await self._streams.post(
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            body=body,
+            options={"timeout": self._stream_timeout, "headers": self._stream_headers},
+            stream=True,
+            stream_cls=openai.AsyncStream[Any],
         )
         try:
-            span.__enter__()
-            # aclosing: closing this generator must close the upstream response at once, not at GC.
-            async with contextlib.aclosing(self._stream_chat(body, model)) as deltas:
-                async for delta in deltas:
-                    if first and delta.text:
-                        first = False
-                        if self.metrics is not None:
-                            self.metrics.first_token(model, started)
-                    if delta.usage is not None and self.metrics is not None:
-                        self.metrics.tokens(model, delta.usage.prompt_tokens, delta.usage.completion_tokens)
-                    yield delta
-        except DomainError as exc:
-            if self.metrics is not None:
-                self.metrics.upstream_error(exc.reason)
-            trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, exc.reason))
-            raise
-        finally:
-            span.__exit__(None, None, None)
-
-    async def _stream_chat(self, body: dict[str, Any], model: str) -> AsyncIterator[ChatDelta]:
-        with _upstream_errors(model):
-            # cast_to=httpx2.Response: the SDK hands back the HTTP response as it is (an error
-            # status is raised before, with the SDK's retries), its body unread: streamed here.
-            response = await self._client.post(
-                "/chat/completions",
-                cast_to=httpx2.Response,
-                body=body,
-                options={"timeout": self._stream_timeout},
-                stream=True,
-                stream_cls=openai.AsyncStream[Any],
-            )
-            try:
-                finished = False
-                decoder = _SSEDecoder()
+            push = response.extensions.get(PUSH)
+            if push is not None and response.headers.get("content-encoding", "identity") == "identity":
+                parser.on_done = lambda: push.end_within(_DRAIN_SECONDS)
+                await push.subscribe(parser.feed)
+            else:
                 async with contextlib.aclosing(response.aiter_bytes()) as chunks:
                     async for chunk in chunks:
-                        for _event, data in decoder.feed(chunk):
-                            if data == b"[DONE]":
-                                await _drain(chunks)
-                                return
-                            delta = _chat_delta(data)
-                            if delta is not None:
-                                finished = finished or delta.finish_reason is not None
-                                yield delta
-                # The body ended without [DONE]: fine after a finish_reason (some servers omit it),
-                # otherwise the upstream went away mid-reply.
-                if not finished:
-                    raise _StreamFailed("the model stream ended before the reply was finished")
-            finally:
-                await response.aclose()
+                        parser.feed(chunk)
+                        if parser.done:
+                            await _drain(chunks)
+                            break
+            # The body ended without [DONE]: fine after a finish_reason (some servers omit it),
+            # otherwise the upstream went away mid-reply.
+            if not parser.done and parser.finish is None:
+                raise _StreamFailed("the model stream ended before the reply was finished")
+        finally:
+            await response.aclose()
 
     async def complete(
         self,
@@ -536,4 +604,6 @@ class ChatProvider:
             return [m.id async for m in self._client.models.list()]
 
     async def aclose(self) -> None:
+        if self._streams is not self._client:
+            await self._streams.close()
         await self._client.close()  # closes self._http too

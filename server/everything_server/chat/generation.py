@@ -484,16 +484,17 @@ class Generator:
                 gen.append(Event(gen.next_seq, DONE, status=FAILED, error=error_to_json(None)))
 
     async def _stream(self, gen: Generation, plan: Plan) -> Usage | None:
-        usage = None
-        stream = self._ai.stream_chat(model=plan.model, messages=plan.messages, temperature=plan.temperature)
-        # aclosing: a cancel (or any exit) closes the upstream HTTP response at once.
-        async with contextlib.aclosing(stream) as deltas:
-            async for d in deltas:
-                if d.text:
-                    gen.emit(DELTA, text=d.text)
-                if d.usage is not None:
-                    usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, False)
-        return usage
+        def on_text(text: str) -> None:
+            gen.emit(DELTA, text=text)
+
+        # Pushed: each piece of text is an event as soon as it is read, with no task wake-up of its
+        # own. Cancelling this task closes the upstream HTTP response at once.
+        end = await self._ai.relay_chat(
+            model=plan.model, messages=plan.messages, temperature=plan.temperature, on_text=on_text
+        )
+        if end.usage is None:
+            return None
+        return Usage(end.usage.prompt_tokens, end.usage.completion_tokens, False)
 
     def _estimate(self, gen: Generation, plan: Plan) -> Usage:
         prompt = sum(estimate_tokens(m.content) + 3 for m in plan.messages)

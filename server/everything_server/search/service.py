@@ -27,7 +27,6 @@ reason); a cancelled one ends with a `completed` event carrying the CANCELLED re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -348,19 +347,19 @@ class SearchService:
             messages = prompt(plan.system_prompt, query, sources)
             prompt_chars = sum(len(m.content) for m in messages)
             asked_model = True
-            stream = self._ai.stream_chat(
+
+            def on_text(text: str) -> None:
+                parts.append(text)
+                live.emit(SummaryDelta(text))
+
+            end = await self._ai.relay_chat(
                 model=plan.model,
                 messages=messages,
                 temperature=plan.temperature,
                 max_tokens=SUMMARY_MAX_TOKENS,
+                on_text=on_text,
             )
-            async with contextlib.aclosing(stream):
-                async for delta in stream:
-                    if delta.text:
-                        parts.append(delta.text)
-                        live.emit(SummaryDelta(delta.text))
-                    if delta.usage is not None:
-                        reported = delta.usage
+            reported = end.usage
             live.emit(UsageReported(usage()))
             record = await save(Status.COMPLETED)
             outcome = "completed"
