@@ -10,6 +10,7 @@ import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,9 @@ class Settings(BaseSettings):
     # A stream that sends nothing for this long is treated as stalled.
     openai_stall_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     openai_max_retries: int = Field(2, ge=0, le=10)
+    # How chat streams reach the upstream: "native" (http1, the default: each chunk parsed where it
+    # is read), or the SDK's own "aiohttp"/"httpx" transports for everything (see ai/provider.py).
+    openai_transport: Literal["native", "aiohttp", "httpx"] = "native"
     default_system_prompt: str = "You are a helpful assistant."
     default_temperature: float = Field(0.7, ge=0, le=2)
     history_budget_chars: int = Field(24_000, ge=1_000, le=2_000_000)

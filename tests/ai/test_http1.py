@@ -186,3 +186,50 @@ async def test_silence_longer_than_the_read_timeout_fails_the_body(serve) -> Non
             with pytest.raises(httpx2.ReadTimeout):
                 await r.extensions[PUSH].subscribe(got.append)
             assert got == [b"hi"] and 0.25 < loop.time() - start < 2
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (the machine's openssl)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+async def test_https_verifies_the_server_certificate(certificate) -> None:
+    import ssl
+
+    cert, key = certificate
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(reader, writer):
+        try:
+            await read_request(reader)
+            writer.write(response(b"secret"))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass  # the client that refused the certificate
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
+    try:
+        trusting = ssl.create_default_context(cafile=cert)
+        async with httpx2.AsyncClient(transport=Http1Transport(ssl_context=trusting)) as client:
+            assert (await client.get(url)).content == b"secret"
+        async with httpx2.AsyncClient(transport=Http1Transport()) as client:  # the system's CAs
+            with pytest.raises(httpx2.ConnectError):
+                await client.get(url)
+    finally:
+        server.close()

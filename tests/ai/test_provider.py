@@ -333,6 +333,30 @@ async def test_from_settings(mock: MockModelServer) -> None:
         ChatProvider.from_settings(Settings(_env_file=None, OPENAI_API_KEY=None, OPENAI_BASE_URL=None))
 
 
+async def test_streams_go_through_http1_unless_another_transport_or_a_proxy_is_set(
+    mock: MockModelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+
+    async def streams_native(**settings: object) -> bool:
+        provider = ChatProvider.from_settings(
+            Settings(_env_file=None, **settings), base_url_override=mock.base_url
+        )
+        await provider.aclose()
+        return provider.native_streams
+
+    assert await streams_native() is True
+    assert await streams_native(openai_transport="aiohttp") is False
+    assert await streams_native(openai_transport="httpx") is False
+    with pytest.raises(ValueError, match="openai_transport"):
+        Settings(_env_file=None, openai_transport="carrier-pigeon")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # http1 speaks no proxy protocol
+    assert await streams_native() is False
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert await streams_native() is True
+
+
 def test_sse_decoder_handles_split_lines_crlf_and_comments() -> None:
     decoder = _SSEDecoder()
     stream = b': keep-alive\r\n\r\nevent: thing\r\ndata: {"a":\r\ndata: 1}\r\n\r\ndata: [DONE]\n\n'

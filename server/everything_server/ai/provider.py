@@ -393,7 +393,9 @@ class ChatProvider:
         url = self._client.base_url
         if transport == "native" and not _proxied(url.scheme, url.host):
             self._streams = self._client.copy(
-                http_client=httpx2.AsyncClient(transport=Http1Transport(), timeout=default_timeout)
+                http_client=httpx2.AsyncClient(
+                    transport=Http1Transport(), timeout=default_timeout, trust_env=False
+                )
             )
             # A pushed body is handed on as it comes: no content decoding on the way.
             self._stream_headers = {"Accept-Encoding": "identity"}
@@ -421,11 +423,17 @@ class ChatProvider:
             max_retries=settings.openai_max_retries,
             chat_model=settings.chat_model,
             image_model=settings.image_model,
+            transport=settings.openai_transport,
         )
 
     @property
     def client(self) -> openai.AsyncOpenAI:
         return self._client
+
+    @property
+    def native_streams(self) -> bool:
+        """Whether chat streams go through http1 (see the module's docstring)."""
+        return self._streams is not self._client
 
     @property
     def base_url(self) -> str:
