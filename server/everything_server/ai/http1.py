@@ -11,8 +11,8 @@ classes): this is only the `httpx2.AsyncBaseTransport` under it.
 `Response.extensions["everything.push"]` is the response's `PushStream`: `subscribe(on_chunk)` calls
 `on_chunk(bytes)` for every chunk of the (de-chunked) body as it arrives, and returns a future done
 when the body has ended (or failed: an httpx2 error, or the one `on_chunk` raised). Everything else
-about the response is ordinary httpx (the SDK reads an error body with `aread()`; `aclose()` before the end closes the TCP
-connection, which is how a cancel stops the upstream).
+about the response is ordinary httpx (the SDK reads an error body with `aread()`; `aclose()` before
+the end closes the TCP connection, which is how a cancel stops the upstream).
 
 What it does not do, and who does it instead: proxies (ChatProvider keeps the SDK's transport when a
 proxy is configured in the environment), HTTP/2, content decoding (the streams ask for `identity`,
@@ -200,14 +200,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.body = PushStream(self)
-        parser = self._parser
-        assert parser is not None
-        names = {name.lower() for name, _ in self._headers}
-        chunked = any(
-            name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
-            for name, value in self._headers
-        )
-        self._until_close = not chunked and b"content-length" not in names
+        framed = False  # a length or chunks say where the body ends
+        for name, value in self._headers:
+            name = name.lower()
+            if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
+                framed = True
+        self._until_close = not framed
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
@@ -262,7 +260,6 @@ class _Connection(asyncio.Protocol):
         due = self._last_read + self._read_timeout
         if self.loop.time() >= due:
             self._fail(httpx2.ReadTimeout("the server sent nothing within the read timeout"))
-            self.close()
         else:
             self._timer = self.loop.call_at(due, self._check_read)
 
