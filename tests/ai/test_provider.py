@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -21,7 +22,6 @@ from everything_server.ai.mock import (
 )
 from everything_server.ai.png import png_info
 from everything_server.ai.provider import (
-    ChatDelta,
     ChatMessage,
     ChatProvider,
     ImageCompleted,
@@ -36,6 +36,15 @@ from everything_server.errors import DeadlineExceeded, InvalidArgument, Resource
 pytestmark = pytest.mark.timeout(30)
 
 MODEL = DEFAULT_CHAT_MODEL
+
+
+@dataclass(slots=True)
+class ChatDelta:
+    """What `collect` records of a stream: each text, then the end (finish reason and usage)."""
+
+    text: str = ""
+    usage: Usage | None = None
+    finish_reason: str | None = None
 
 
 def user(text: str) -> list[ChatMessage]:

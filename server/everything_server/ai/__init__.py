@@ -6,7 +6,6 @@ its own with `python -m everything_server.ai.mock` (or `python -m everything_ser
 """
 
 from everything_server.ai.provider import (
-    ChatDelta,
     ChatEnd,
     ChatMessage,
     ChatProvider,
@@ -17,7 +16,6 @@ from everything_server.ai.provider import (
 )
 
 __all__ = [
-    "ChatDelta",
     "ChatEnd",
     "ChatMessage",
     "ChatProvider",

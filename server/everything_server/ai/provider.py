@@ -94,15 +94,6 @@ class Usage:
     completion_tokens: int
 
 
-@dataclass(slots=True)
-class ChatDelta:
-    """A piece of a streamed reply, for callers that collect them (`relay_chat` pushes text only)."""
-
-    text: str = ""
-    usage: Usage | None = None
-    finish_reason: str | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class ChatEnd:
     """How a streamed reply ended: the finish reason and the usage the upstream reported (if any)."""
