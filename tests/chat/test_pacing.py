@@ -1,5 +1,6 @@
 """Pacing of a reply's text (`Generation.follow(interval=...)`, `EVERYTHING_STREAM_INTERVAL_MS`): one
-message per interval with every token that came meanwhile; the first token and the end never wait."""
+message per tick of a clock shared by the process's streams, with every token that came meanwhile;
+the first token and the end never wait."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from everything_server.chat.generation import Generation
 from everything_server.chat.models import GENERATING, Message
 
 INTERVAL = 0.5  # long against this machine's scheduling noise; the assertions keep wide margins
+SLACK = 0.1  # how late a woken follower may run on a loaded machine
 
 
 def generation() -> Generation:
@@ -47,29 +49,67 @@ class Follower:
                 await asyncio.sleep(0.005)
 
 
+async def just_after_a_tick() -> None:
+    """Sleeps until a little after the next tick of the pacing clock (a multiple of INTERVAL)."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep((loop.time() // INTERVAL + 1) * INTERVAL + 0.01 - loop.time())
+
+
+def off_tick(when: float) -> float:
+    """How long after a tick of the pacing clock `when` is."""
+    return when % INTERVAL
+
+
 async def test_tokens_within_an_interval_travel_together_and_the_first_is_not_held():
     gen, loop = generation(), asyncio.get_running_loop()
     f = Follower(gen, INTERVAL)
     await f.until(1)
     assert f.got[0][1].kind == START
 
+    await just_after_a_tick()
     t0 = loop.time()
     gen.emit(DELTA, text="a")
     await f.until(2)
     assert f.got[1][1] == Event(2, DELTA, text="a")
     assert f.got[1][0] - t0 < INTERVAL / 2, "the first token went out at once"
 
-    for word in ("b", "c", "d"):  # all within the interval after "a"
+    for word in ("b", "c", "d"):  # all before the next tick
         await asyncio.sleep(0.02)
         gen.emit(DELTA, text=word)
     await f.until(3)
     when, ev = f.got[2]
     assert ev == Event(5, DELTA, text="bcd"), "one message, with the seq of its last token"
-    assert when - f.got[1][0] >= INTERVAL * 0.9, "held until the interval after the last message"
+    assert when - t0 >= INTERVAL * 0.8, "held until the next tick"
+    assert off_tick(when) < SLACK, "sent at a tick of the pacing clock"
     await asyncio.sleep(0.1)
     assert len(f.got) == 3
 
     f.task.cancel()
+
+
+async def test_streams_whose_tokens_come_at_different_times_send_at_the_same_ticks():
+    """Followers of replies that started apart wake together, at the shared clock's ticks: one
+    wake-up of the loop for all their messages instead of one each."""
+    loop = asyncio.get_running_loop()
+    gens = [generation(), generation()]
+    followers = [Follower(g, INTERVAL) for g in gens]
+    await just_after_a_tick()
+    for g, f in zip(gens, followers, strict=True):
+        g.emit(DELTA, text="first")  # sent at once, 0.15 s apart
+        await f.until(2)
+        await asyncio.sleep(0.15)
+    for g in gens:
+        g.emit(DELTA, text="second")  # waits for the next tick
+    for f in followers:
+        await f.until(3)
+    (a, ev_a), (b, ev_b) = followers[0].got[2], followers[1].got[2]
+    assert ev_a.text == ev_b.text == "second"
+    assert abs(a - b) < SLACK, "both went out at the same tick"
+    assert off_tick(a) < SLACK and off_tick(b) < SLACK
+    assert a - followers[0].got[1][0] <= INTERVAL + SLACK, "never more than an interval apart"
+    assert loop.time() - a < INTERVAL
+    for f in followers:
+        f.task.cancel()
 
 
 async def test_the_end_of_a_reply_wakes_a_waiting_follower_at_once():

@@ -201,11 +201,14 @@ class Generation:
         """Events with seq > after_seq, then live ones, until `done` (always delivered). Deltas that
         are ready together come as one (`coalesce`).
 
-        `interval` (seconds) paces the text: after a delta is sent, the next one waits until
-        `interval` has passed since, taking with it every token that arrived meanwhile, so a
-        stream costs one message (one write, one wake-up of the client) per interval instead of
-        one per token. The first delta is never held (time to first token is unchanged), nor is
-        the end of the reply: usage, title and `done` wake a waiting follower at once."""
+        `interval` (seconds) paces the text: after a delta is sent, the next one waits for the
+        next tick of a clock shared by every stream of the process (the multiples of `interval`
+        of loop time), taking with it every token that arrived meanwhile, so a stream costs one
+        message (one write, one wake-up of the client) per interval instead of one per token, and
+        the streams' messages go out together, in one wake-up of the loop instead of one each
+        (at 16 streams that was 15% of the process's CPU per token). The first delta is never
+        held (time to first token is unchanged), nor is the end of the reply: usage, title and
+        `done` wake a waiting follower at once."""
         loop = asyncio.get_running_loop()
         i = max(0, min(after_seq, len(self.events) - 1))
         while True:
@@ -220,7 +223,7 @@ class Generation:
                 if ev.kind == DONE:
                     return
             if interval > 0 and ready[-1].kind == DELTA and not self.ending:
-                await self._pause(sent + interval - loop.time())
+                await self._pause((sent // interval + 1) * interval - loop.time())
 
     async def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less if the reply starts ending meanwhile (`append`)."""
