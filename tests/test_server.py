@@ -105,6 +105,58 @@ async def test_sigterm_drains_and_exits_zero(server_process):
     assert '"message":"draining"' in logs and '"message":"stopped"' in logs
 
 
+async def test_a_draining_server_refuses_new_calls_itself_until_they_stop_coming(settings_env, tmp_path):
+    """SIGTERM makes the process a lame duck: the port stays open and its own interceptor refuses
+    every new call (UNAVAILABLE, SHUTTING_DOWN, RetryInfo), on a connection made before and on one
+    made after; once calls stop coming it stops at once, well before the lame duck's limit."""
+    from everything.auth.v1 import auth_service_pb2 as auth_pb
+    from everything.auth.v1 import auth_service_pb2_grpc
+    from tests.support import details, sign_up
+
+    lame = 10.0
+    env = server_env(
+        settings_env, EVERYTHING_SHUTDOWN_LAME_DUCK_SECONDS=str(lame), EVERYTHING_SHUTDOWN_GRACE_SECONDS="15"
+    )
+    proc = await start_server_process(env, tmp_path / "server.log")
+    loop = asyncio.get_running_loop()
+    try:
+        async with grpc.aio.insecure_channel(proc.target) as ch:
+            auth = auth_service_pb2_grpc.AuthServiceStub(ch)
+            user = await sign_up(auth)
+            md = (("authorization", f"Bearer {user.access_token}"),)
+
+            async def me(stub) -> tuple[grpc.StatusCode, str | None, float | None]:
+                try:
+                    await stub.GetCurrentUser(auth_pb.GetCurrentUserRequest(), metadata=md, timeout=2)
+                except grpc.aio.AioRpcError as err:
+                    d = details(err)
+                    return err.code(), d.reason, d.retry_after
+                return grpc.StatusCode.OK, None, None
+
+            assert (await me(auth))[0] == grpc.StatusCode.OK
+            proc.proc.send_signal(signal.SIGTERM)
+            refusal = (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0)
+            outcomes = []
+            async with asyncio.timeout(5):  # one call racing the signal may still be served
+                while (got := await me(auth))[0] == grpc.StatusCode.OK:
+                    await asyncio.sleep(0.01)
+            outcomes.append(got)
+            for _ in range(20):  # 0.4 s of calls: every one refused by the server's own code
+                await asyncio.sleep(0.02)
+                outcomes.append(await me(auth))
+            async with grpc.aio.insecure_channel(proc.target) as fresh:  # the port is still open
+                outcomes.append(await me(auth_service_pb2_grpc.AuthServiceStub(fresh)))
+            assert set(outcomes) == {refusal}, outcomes
+            assert proc.proc.poll() is None, "still a lame duck while calls keep coming"
+        calls_stopped = loop.time()
+        code = await asyncio.to_thread(proc.proc.wait, 30)
+        stopped_after = loop.time() - calls_stopped
+    finally:
+        proc.terminate()
+    assert code == 0
+    assert stopped_after < lame / 2, f"the lame duck outlived the calls by {stopped_after:.1f}s"
+
+
 def test_invalid_configuration_is_a_clear_error(settings_env):
     env = server_env(settings_env, EVERYTHING_PORT="not-a-port", EVERYTHING_JWT_KEYS="k1:short")
     result = run([str(BIN / "everything-server")], env=env)

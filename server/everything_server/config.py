@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     reuse_port: bool = False
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600)
+    # The first part of that grace: the port stays open and new calls are refused (UNAVAILABLE,
+    # SHUTTING_DOWN) until none has come for a moment, at most this long; then grpc's own stop.
+    shutdown_lame_duck_seconds: float = Field(1.0, ge=0, le=600)
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     # Storage

@@ -90,13 +90,19 @@ async def _health(s: Stubs) -> int | None:
 # -- SIGTERM ---------------------------------------------------------------------------------------
 
 GRACE = 5.0
+LAME_DUCK = 2.0  # of the grace: long against the few calls that check the refusals
 SHORT_TOKENS, LONG_TOKENS, RATE = 40, 400, 20  # 2 s fits in the grace period, 20 s does not
 
 
 async def test_sigterm_under_load_finishes_what_fits_in_the_grace_and_saves_the_rest(
     settings_env, db_conn, tmp_path
 ):
-    env = server_env(settings_env, **LOAD_ENV, EVERYTHING_SHUTDOWN_GRACE_SECONDS=str(GRACE))
+    env = server_env(
+        settings_env,
+        **LOAD_ENV,
+        EVERYTHING_SHUTDOWN_GRACE_SECONDS=str(GRACE),
+        EVERYTHING_SHUTDOWN_LAME_DUCK_SECONDS=str(LAME_DUCK),
+    )
     proc = await start_server_process(env, tmp_path / "server.log")
     try:
         async with grpc.aio.insecure_channel(proc.target) as channel:
@@ -145,16 +151,18 @@ async def test_sigterm_under_load_finishes_what_fits_in_the_grace_and_saves_the_
                     pass
             not_serving_after = loop.time() - started
 
-            # New calls are refused once the drain has begun (one racing the SIGTERM may be served):
-            # UNAVAILABLE, or CANCELLED for one that reached the connection just before the server's
-            # GOAWAY did; then UNAVAILABLE on this channel and on a new one. None waits for the drain.
+            # New calls are refused once the drain has begun (one racing the SIGTERM may be served),
+            # by the server's own code while it is a lame duck (calls keep coming, so that lasts
+            # LAME_DUCK): UNAVAILABLE, SHUTTING_DOWN, on this channel and on a new one. None waits
+            # for the drain.
             first_refusal = await _first_refusal(s.auth, users[0])
             refused_after = loop.time() - started
-            assert first_refusal in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), first_refusal
-            assert await _call_code(_current_user(s.auth, users[0])) == grpc.StatusCode.UNAVAILABLE
+            lame_duck = (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+            assert first_refusal == lame_duck, first_refusal
+            assert await _refusal(_current_user(s.auth, users[0])) == lame_duck
             async with grpc.aio.insecure_channel(proc.target) as fresh:
                 fresh_auth = auth_service_pb2_grpc.AuthServiceStub(fresh)
-                assert await _call_code(_current_user(fresh_auth, users[0])) == grpc.StatusCode.UNAVAILABLE
+                assert await _refusal(_current_user(fresh_auth, users[0])) == lame_duck
             assert proc.proc.poll() is None, "calls were refused only because the process was gone"
 
             exit_code = await asyncio.to_thread(proc.proc.wait, GRACE + 20)
@@ -205,7 +213,7 @@ async def test_sigterm_under_load_finishes_what_fits_in_the_grace_and_saves_the_
     long_codes = Counter(o.name for kind, o in zip(kept_plan, outcomes, strict=True) if kind == "long")
     print(
         f"\nSIGTERM with {len(plan)} replies in flight (grace {GRACE:.0f}s): NOT_SERVING after "
-        f"{not_serving_after:.2f}s, new calls refused after {refused_after:.2f}s ({first_refusal.name}), "
+        f"{not_serving_after:.2f}s, new calls refused after {refused_after:.2f}s ({first_refusal[1]}), "
         f"exit 0 after {exited_after:.2f}s; saved {dict(statuses)}; long streams ended {dict(long_codes)}; "
         f"unary calls {dict(unary_codes)}"
     )
@@ -223,20 +231,20 @@ def _current_user(auth, user):
     return auth.GetCurrentUser(auth_pb.GetCurrentUserRequest(), metadata=user.md, timeout=2)
 
 
-async def _first_refusal(auth, user) -> grpc.StatusCode:
-    """Call until a call is refused (bounded): the code it was refused with."""
+async def _first_refusal(auth, user) -> tuple[grpc.StatusCode, str | None]:
+    """Call until a call is refused (bounded): the code and reason it was refused with."""
     async with asyncio.timeout(5):
-        while (code := await _call_code(_current_user(auth, user))) == grpc.StatusCode.OK:
+        while (got := await _refusal(_current_user(auth, user)))[0] == grpc.StatusCode.OK:
             await asyncio.sleep(0.01)
-    return code
+    return got
 
 
-async def _call_code(aw) -> grpc.StatusCode:
+async def _refusal(aw) -> tuple[grpc.StatusCode, str | None]:
     try:
         await aw
     except grpc.aio.AioRpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
+        return err.code(), details(err).reason
+    return grpc.StatusCode.OK, None
 
 
 # -- PostgreSQL restarted --------------------------------------------------------------------------

@@ -126,6 +126,11 @@ def saw_call() -> None:
     _calls_seen += 1
 
 
+def calls_seen() -> int:
+    """How many calls the process's interceptors have seen (`saw_call`)."""
+    return _calls_seen
+
+
 def core_calls_started() -> int | None:
     """Calls grpc core has started on all servers of this process (channelz), or None if it cannot
     tell."""
@@ -151,7 +156,7 @@ class CallBacklog:
     channelz does not count it as finished either: such calls are the `baseline`, learnt while the
     loop is quiet, when no call can be waiting."""
 
-    def __init__(self, *, started=core_calls_started, seen=lambda: _calls_seen, clock=time.monotonic):
+    def __init__(self, *, started=core_calls_started, seen=calls_seen, clock=time.monotonic):
         self._started = started
         self._seen = seen
         self._clock = clock

@@ -98,6 +98,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         caps: Caps | None = None,
         metrics: Metrics | None = None,
         ready: Callable[[], bool] | None = None,
+        draining: Callable[[], bool] | None = None,
         tracing: Tracing | None = None,
         loop_lag: Callable[[], float] | None = None,
         admission: StreamAdmission | None = None,
@@ -105,6 +106,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._tracing = tracing
         self._loop_lag = loop_lag  # seconds the event loop runs late (rpc.admission.LoopLagMonitor)
         self._ready = ready  # False while the database is unreachable or not migrated
+        self._draining = draining  # True once the process is shutting down
         self._verify = verify_access_token
         self._limits = limits
         self._caps = caps or Caps()
@@ -245,6 +247,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _check_ready(self) -> None:
+        if self._draining is not None and self._draining():
+            raise errors.Unavailable(
+                "the server is shutting down; retry shortly", reason="SHUTTING_DOWN", retry_after=1.0
+            )
         if self._ready is not None and not self._ready():
             raise errors.Unavailable(
                 "the database is unreachable or not migrated; retry shortly",
