@@ -140,3 +140,25 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
     # Every process the harness started is gone.
     left = [pid for pid in results["meta"]["pids"] if _alive(pid)]
     assert left == [], f"processes left running: {left}"
+
+
+def test_the_profile_summary_leaves_out_the_servers_start_and_stop(tmp_path: Path):
+    """py-spy samples from the process's start: imports and the app's set-up (under `_serve`) are
+    not the work per token the summary is for."""
+    from tests.bench import profile
+
+    main = "main (everything_server/__main__.py:141);Handle._run (asyncio/events.py:80)"
+    raw = tmp_path / "profile.raw"
+    raw.write_text(
+        f"{main};_serve (everything_server/__main__.py:39);App.__init__ (everything_server/app.py:90) 40\n"
+        f"{main};<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 30\n"
+        f"{main};Generation.emit (everything_server/chat/generation.py:184) 20\n"
+        f"{main};_ChatStream.feed (everything_server/ai/provider.py:300) 10\n"
+    )
+    summary = profile.summarize(raw, rate_hz=100, tokens=1000)
+    assert summary["samples"] == 30
+    callers = {r["name"]: r["samples"] for r in summary["by_everything_caller"]}
+    assert callers == {
+        "Generation.emit (everything_server/chat/generation.py)": 20,
+        "_ChatStream.feed (everything_server/ai/provider.py)": 10,
+    }

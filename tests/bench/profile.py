@@ -76,8 +76,11 @@ def summarize(path: Path, *, rate_hz: int, tokens: int | None = None, top: int =
             continue
         n = int(count)
         frames = [_parse(f) for f in stack.split(";") if f.strip()]
-        if not frames or any(fn.startswith("_find_and_load") for fn, _ in frames):
-            continue  # start-up: imports
+        if not frames or any(
+            fn.startswith("_find_and_load") or (fn == "_serve" and fl.endswith("__main__.py"))
+            for fn, fl in frames
+        ):
+            continue  # start-up (imports; the app's set-up and its stop, which `_serve` awaits)
         total += n
         func, file = frames[-1]
         self_time[f"{func} ({_short(file)})"] += n
