@@ -155,8 +155,9 @@ def test_the_profile_summary_leaves_out_the_servers_start_and_stop(tmp_path: Pat
         f"{main};Generation.emit (everything_server/chat/generation.py:184) 20\n"
         f"{main};_ChatStream.feed (everything_server/ai/provider.py:300) 10\n"
     )
-    summary = profile.summarize(raw, rate_hz=100, tokens=1000)
+    summary = profile.summarize(raw, rate_hz=100, units=1000)
     assert summary["samples"] == 30
+    assert summary["by_area_self"][0]["us_per_unit"] == 200.0  # 20 samples at 100 Hz over 1,000
     callers = {r["name"]: r["samples"] for r in summary["by_everything_caller"]}
     assert callers == {
         "Generation.emit (everything_server/chat/generation.py)": 20,

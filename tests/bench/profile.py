@@ -62,7 +62,11 @@ def _short(file: str) -> str:
     return file
 
 
-def summarize(path: Path, *, rate_hz: int, tokens: int | None = None, top: int = 25) -> dict[str, Any]:
+def summarize(
+    path: Path, *, rate_hz: int, units: int | None = None, unit: str = "token", top: int = 25
+) -> dict[str, Any]:
+    """`units`: how many `unit`s (tokens relayed, or requests served) the profiled load made, for
+    the microseconds per unit of each row."""
     total = 0
     self_time: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -106,7 +110,7 @@ def summarize(path: Path, *, rate_hz: int, tokens: int | None = None, top: int =
                 "samples": n,
                 "percent": round(100 * n / total, 1) if total else 0.0,
                 "cpu_s": round(n / rate_hz, 3),
-                "us_per_token": round(n / rate_hz / tokens * 1e6, 1) if tokens else None,
+                "us_per_unit": round(n / rate_hz / units * 1e6, 1) if units else None,
             }
             for name, n in counter.most_common(top)
         ]
@@ -115,7 +119,8 @@ def summarize(path: Path, *, rate_hz: int, tokens: int | None = None, top: int =
         "samples": total,
         "rate_hz": rate_hz,
         "sampled_cpu_s": round(total / rate_hz, 3),
-        "tokens": tokens,
+        "units": units,
+        "unit": unit,
         "by_area_self": rows(areas_self),
         "by_everything_caller": rows(callers),
         "top_self": rows(self_time),
@@ -126,7 +131,7 @@ def summarize(path: Path, *, rate_hz: int, tokens: int | None = None, top: int =
 def render(summary: dict[str, Any], limit: int = 15) -> str:
     out = [
         f"py-spy: {summary['samples']} samples at {summary['rate_hz']} Hz "
-        f"(~{summary['sampled_cpu_s']} s on CPU), {summary['tokens']} tokens relayed"
+        f"(~{summary['sampled_cpu_s']} s on CPU), {summary['units']} {summary['unit']}s"
     ]
     for key, title in (
         ("by_area_self", "self time by area"),
@@ -135,6 +140,6 @@ def render(summary: dict[str, Any], limit: int = 15) -> str:
     ):
         out.append(f"\n{title}:")
         for r in summary[key][:limit]:
-            per = f"{r['us_per_token']:>8.1f} µs/token" if r["us_per_token"] is not None else ""
+            per = f"{r['us_per_unit']:>8.1f} µs/{summary['unit']}" if r["us_per_unit"] is not None else ""
             out.append(f"  {r['percent']:5.1f}%  {per}  {r['name']}")
     return "\n".join(out)

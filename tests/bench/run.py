@@ -151,6 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="py-spy profile of one server under stream load")
     p.add_argument("--profile-concurrency", type=int, default=64, help="streams during the profile")
     p.add_argument(
+        "--profile-method",
+        choices=UNARY_METHODS,
+        help="profile this unary method at --unary-concurrency instead of streams",
+    )
+    p.add_argument(
         "--database-url", default=os.environ.get("DATABASE_URL"), help="admin URL (default: embedded)"
     )
     p.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "bench")
@@ -890,8 +895,16 @@ class Bench:
             system.server_pids = [server_pid] if server_pid else []
             self._system = system
             await self.ensure_users(system.target)
-            concurrency = a.profile_concurrency
-            merged, cpu, *_ = await self.load(system, concurrency)
+            if a.profile_method:
+                concurrency, unit = a.unary_concurrency, "request"
+                merged, cpu, *_ = await self.load(
+                    system, concurrency, kind="unary", method=a.profile_method, ramp=0.0
+                )
+                units = len(merged["latency"])
+            else:
+                concurrency, unit = a.profile_concurrency, "token"
+                merged, cpu, *_ = await self.load(system, concurrency)
+                units = merged["tokens"]
             await self.quiesce()
             self._system = None
             if server_pid:  # stop the server only: py-spy writes its file once its child exits
@@ -904,8 +917,13 @@ class Bench:
         if not out.exists():
             self.results["problems"].append(f"py-spy wrote no profile; see {p.log_path}")
             return
-        summary = pyspy.summarize(out, rate_hz=rate_hz, tokens=merged["tokens"])
-        summary.update(concurrency=concurrency, server_cpu_s=round(cpu["server"], 3), raw=str(out))
+        summary = pyspy.summarize(out, rate_hz=rate_hz, units=units, unit=unit)
+        summary.update(
+            concurrency=concurrency,
+            method=a.profile_method,
+            server_cpu_s=round(cpu["server"], 3),
+            raw=str(out),
+        )
         self.results["profile"] = summary
         text = pyspy.render(summary)
         (a.out / "profile.txt").write_text(text + "\n")
