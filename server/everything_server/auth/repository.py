@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, select, update
+import asyncpg
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server.auth.models import RefreshToken, Session, User
+from everything_server.db.database import columns, driver_of, from_row
 from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
@@ -41,13 +43,12 @@ async def user_by_email(db: AsyncSession, email: str) -> User | None:
     return (await db.execute(select(User).where(User.email == email))).scalar_one_or_none()
 
 
-# Built once: every authenticated call of GetCurrentUser runs it, and a statement object that is
-# reused has its compiled-cache key worked out once, not on every call.
-_USER_BY_ID = select(User).where(User.id == bindparam("user_id"))
+# For the driver: every authenticated call of GetCurrentUser runs it.
+_USER_BY_ID = f"SELECT {columns(User)} FROM users WHERE id = $1"  # noqa: S608 - constants only
 
 
-async def user_by_id(db: AsyncSession, user_id: uuid.UUID) -> User | None:
-    return (await db.execute(_USER_BY_ID, {"user_id": user_id})).scalar_one_or_none()
+async def user_by_id(db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID) -> User | None:
+    return from_row(User, await (await driver_of(db)).fetchrow(_USER_BY_ID, user_id))
 
 
 async def set_password_hash(db: AsyncSession, user_id: uuid.UUID, password_hash: str) -> None:

@@ -204,7 +204,7 @@ class AuthService:
             await repo.revoke_session(db, user_id=p.user_id, session_id=p.session_id, reason="signed_out")
 
     async def current_user(self, p: Principal) -> User:
-        async with self._db.transaction(p.user_id, p.session_id) as db:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as db:
             user = await repo.user_by_id(db, p.user_id)
         if user is None:
             raise errors.Unauthenticated("the account no longer exists", reason="SESSION_REVOKED")

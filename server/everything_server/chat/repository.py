@@ -23,9 +23,9 @@ from everything_server.chat.models import (
     MessageEvents,
     Thread,
 )
+from everything_server.db.database import columns, driver_of, from_row
 from everything_server.limits import used_today_sql
 from everything_server.preferences.effective import data_sql as preferences_sql
-from everything_server.rpc import paging
 from everything_server.rpc.paging import Cursor
 
 # The statements on the path of every reply (creating it, saving it) run on the transaction's own
@@ -33,8 +33,8 @@ from everything_server.rpc.paging import Cursor
 # ~65 µs of CPU per statement instead of ~420 through the ORM). Their rows become detached model
 # objects, as the ORM's would be after commit.
 
-_MESSAGE_COLUMNS = ", ".join(c.name for c in Message.__table__.columns)
-_THREAD_COLUMNS = ", ".join(c.name for c in Thread.__table__.columns)
+_MESSAGE_COLUMNS = columns(Message)
+_THREAD_COLUMNS = columns(Thread)
 # S608 below: only the constants above are interpolated, never a value.
 _INSERT_THREAD = f"INSERT INTO threads (id, user_id, title) VALUES ($1, $2, $3) RETURNING {_THREAD_COLUMNS}"  # noqa: S608
 
@@ -107,33 +107,23 @@ _FINISH = f"""
 """  # noqa: S608
 
 
-async def _driver(db: AsyncSession | asyncpg.Connection) -> asyncpg.Connection:
-    """The asyncpg connection of a unit of work: a session's, or one from `driver_transaction`."""
-    if isinstance(db, asyncpg.Connection):
-        return db
-    conn = await db.connection()
-    return (await conn.get_raw_connection()).driver_connection
-
-
 def _message(row: asyncpg.Record | None, prefix: str = "") -> Message | None:
     """The message in `row`, its columns named `prefix` + name (None: no row)."""
-    if row is None:
-        return None
-    return Message(**{c.name: row[f"{prefix}{c.name}"] for c in Message.__table__.columns})
+    return from_row(Message, row, prefix)
 
 
 def _thread(row: asyncpg.Record | None, prefix: str = "") -> Thread | None:
     """The thread in `row`, its columns named `prefix` + name (None: no row, or no thread in it)."""
     if row is None or row[f"{prefix}id"] is None:
         return None
-    return Thread(**{c.name: row[f"{prefix}{c.name}"] for c in Thread.__table__.columns})
+    return from_row(Thread, row, prefix)
 
 
 # -- threads -------------------------------------------------------------------------------------
 
 
 async def insert_thread(db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, title: str) -> Thread:
-    row = await (await _driver(db)).fetchrow(
+    row = await (await driver_of(db)).fetchrow(
         _INSERT_THREAD,
         uuid.uuid4(),
         user_id,
@@ -147,16 +137,30 @@ async def insert_thread(db: AsyncSession | asyncpg.Connection, *, user_id: uuid.
 async def get_thread(
     db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, thread_id: uuid.UUID
 ) -> Thread | None:
-    row = await (await _driver(db)).fetchrow(_GET_THREAD, thread_id, user_id)
+    row = await (await driver_of(db)).fetchrow(_GET_THREAD, thread_id, user_id)
     return _thread(row)
 
 
+# Newest first, after the cursor's (updated_at, id) for a later page (paging.keyset's rule; index
+# ix_threads_user_updated).
+_LIST_THREADS = f"""
+    SELECT {_THREAD_COLUMNS} FROM threads WHERE user_id = $1 ORDER BY updated_at DESC, id DESC LIMIT $2
+"""  # noqa: S608
+_LIST_THREADS_AFTER = f"""
+    SELECT {_THREAD_COLUMNS} FROM threads WHERE user_id = $1 AND (updated_at, id) < ($3, $4)
+     ORDER BY updated_at DESC, id DESC LIMIT $2
+"""  # noqa: S608
+
+
 async def list_threads(
-    db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: Cursor | None
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, limit: int, after: Cursor | None
 ) -> list[Thread]:
-    stmt = select(Thread).where(Thread.user_id == user_id)
-    stmt = paging.keyset(stmt, Thread.updated_at, Thread.id, after).limit(limit)
-    return list((await db.execute(stmt)).scalars())
+    conn = await driver_of(db)
+    if after is None:
+        rows = await conn.fetch(_LIST_THREADS, user_id, limit)
+    else:
+        rows = await conn.fetch(_LIST_THREADS_AFTER, user_id, limit, after.at, after.id)
+    return [from_row(Thread, row) for row in rows]
 
 
 async def set_title(
@@ -185,7 +189,7 @@ async def set_generated_title(
 
 
 async def touch_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
-    row = await (await _driver(db)).fetchrow(
+    row = await (await driver_of(db)).fetchrow(
         _TOUCH_THREAD,
         thread_id,
         user_id,
@@ -216,7 +220,7 @@ async def send(
 ) -> tuple[Message, Message, Thread | None] | None:
     """One statement: the user's message, and the reply to it as `start_reply` makes it. None when
     `client_message_id` was taken meanwhile (by a concurrent retry of the same send)."""
-    row = await (await _driver(db)).fetchrow(
+    row = await (await driver_of(db)).fetchrow(
         _SEND,
         reply_id,
         thread_id,
@@ -248,7 +252,7 @@ async def start_reply(
 ) -> tuple[Message, Thread | None]:
     """One statement: the assistant message, GENERATING at seq 1, its first stored events, and with
     `touch_thread` the thread's updated_at (the thread returned)."""
-    row = await (await _driver(db)).fetchrow(
+    row = await (await driver_of(db)).fetchrow(
         _START_REPLY,
         reply_id,
         parent.thread_id,
@@ -277,13 +281,13 @@ async def get_message(
 async def user_message_by_client_id(
     db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, client_message_id: uuid.UUID
 ) -> Message | None:
-    return _message(await (await _driver(db)).fetchrow(_BY_CLIENT_ID, user_id, client_message_id))
+    return _message(await (await driver_of(db)).fetchrow(_BY_CLIENT_ID, user_id, client_message_id))
 
 
 async def latest_reply(
     db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, parent_id: uuid.UUID
 ) -> Message | None:
-    return _message(await (await _driver(db)).fetchrow(_LATEST_REPLY, parent_id, user_id))
+    return _message(await (await driver_of(db)).fetchrow(_LATEST_REPLY, parent_id, user_id))
 
 
 async def has_generating_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> bool:
@@ -387,7 +391,7 @@ async def send_context(
     quota_kind: str,
     limit: int,
 ) -> SendContext:
-    row = await (await _driver(db)).fetchrow(_SEND_CONTEXT, thread_id, user_id, quota_kind, limit)
+    row = await (await driver_of(db)).fetchrow(_SEND_CONTEXT, thread_id, user_id, quota_kind, limit)
     assert row is not None
     return SendContext(
         thread=_thread(row),
@@ -402,7 +406,7 @@ async def history(
 ) -> list[tuple[str, str]]:
     """(role, content) of the active branch before `before_turn` (None: all of it), NEWEST first;
     replies that failed, are still generating or are empty are left out."""
-    rows = await (await _driver(db)).fetch(_HISTORY, thread_id, user_id, before_turn, limit)
+    rows = await (await driver_of(db)).fetch(_HISTORY, thread_id, user_id, before_turn, limit)
     return [(r["role"], r["content"]) for r in rows]
 
 
@@ -438,7 +442,7 @@ async def finish(
     usage_estimated: bool,
     error_reason: str,
 ) -> Message | None:
-    row = await (await _driver(db)).fetchrow(
+    row = await (await driver_of(db)).fetchrow(
         _FINISH,
         message_id,
         content,
@@ -497,7 +501,7 @@ async def insert_events(
 ) -> None:
     """One stored batch of events and, in the same statement, its NOTIFY payloads in order
     (delivered when the transaction commits)."""
-    await (await _driver(db)).execute(
+    await (await driver_of(db)).execute(
         """
         WITH stored AS (
           INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)

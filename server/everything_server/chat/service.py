@@ -152,7 +152,7 @@ class ChatService:
         self, p: Principal, *, page_size: int, page_token: str
     ) -> tuple[list[Thread], str]:
         after = paging.decode(page_token)
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             rows = await repo.list_threads(s, user_id=p.user_id, limit=page_size + 1, after=after)
         return paging.page(rows, page_size, lambda t: (t.updated_at, t.id))
 

@@ -69,6 +69,31 @@ async def _after_driver_error(
         raise _database_unavailable() from exc
 
 
+M = TypeVar("M")
+
+
+def columns(model: type, prefix: str = "") -> str:
+    """The column list of `model`'s table for a driver statement (`prefix`: a table alias)."""
+    return ", ".join(f"{prefix}{c.name}" for c in model.__table__.columns)
+
+
+def from_row(model: type[M], row: asyncpg.Record | None, prefix: str = "") -> M | None:
+    """An ORM object (detached: no session) from a driver row whose columns are `model`'s, each
+    named `prefix` + its name; None for no row."""
+    if row is None:
+        return None
+    return model(**{c.name: row[f"{prefix}{c.name}"] for c in model.__table__.columns})
+
+
+async def driver_of(db: AsyncSession | asyncpg.Connection) -> asyncpg.Connection:
+    """The asyncpg connection of a unit of work: a session's, or one from `driver_transaction`
+    (repository functions written for the driver take either)."""
+    if isinstance(db, asyncpg.Connection):
+        return db
+    conn = await db.connection()
+    return (await conn.get_raw_connection()).driver_connection
+
+
 class _Begun:
     """Stands, for SQLAlchemy's asyncpg adapter, for a transaction begun by `_begin_as_caller`:
     the adapter ends a transaction by calling commit() or rollback() on it."""

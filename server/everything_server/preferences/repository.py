@@ -3,7 +3,9 @@
 A partial update is one statement: `(data - <cleared keys>) || <new values>` on the row, or an
 insert of the new values when the user has no row yet. PostgreSQL applies it to the row as it is at
 that moment (the conflicting row is locked and re-read), so two clients changing different fields at
-the same time both keep their change; nothing is read into Python and written back.
+the same time both keep their change; nothing is read into Python and written back. The statements
+are written for the driver (asyncpg), without SQLAlchemy's per-statement work (GetPreferences is a
+hot read).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+import asyncpg
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from everything_server.db.database import driver_of
 
 
 @dataclass(frozen=True)
@@ -24,30 +28,30 @@ class StoredPreferences:
     updated_at: datetime
 
 
-_GET = text("SELECT data, created_at, updated_at FROM preferences WHERE user_id = :u")
+_GET = "SELECT data, created_at, updated_at FROM preferences WHERE user_id = $1"
 
-_PATCH = text(
-    """
-    INSERT INTO preferences AS p (user_id, data) VALUES (:u, CAST(:set AS jsonb))
+_PATCH = """
+    INSERT INTO preferences AS p (user_id, data) VALUES ($1, $2::jsonb)
     ON CONFLICT (user_id) DO UPDATE
-      SET data = (p.data - CAST(:clear AS text[])) || CAST(:set AS jsonb), updated_at = now()
+      SET data = (p.data - $3::text[]) || $2::jsonb, updated_at = now()
     RETURNING data, created_at, updated_at
-    """
-)
+"""
 
 
-async def get(db: AsyncSession, user_id: uuid.UUID) -> StoredPreferences | None:
-    row = (await db.execute(_GET, {"u": user_id})).one_or_none()
-    return StoredPreferences(row.data, row.created_at, row.updated_at) if row else None
+def _stored(row: asyncpg.Record) -> StoredPreferences:
+    return StoredPreferences(row["data"], row["created_at"], row["updated_at"])
+
+
+async def get(db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID) -> StoredPreferences | None:
+    row = await (await driver_of(db)).fetchrow(_GET, user_id)
+    return _stored(row) if row else None
 
 
 async def patch(
-    db: AsyncSession, user_id: uuid.UUID, *, set_values: dict, clear: list[str]
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, *, set_values: dict, clear: list[str]
 ) -> StoredPreferences:
     """Set `set_values` (JSON-ready) and remove the keys in `clear`, atomically."""
-    row = (
-        await db.execute(
-            _PATCH, {"u": user_id, "set": orjson.dumps(set_values).decode(), "clear": list(clear)}
-        )
-    ).one()
-    return StoredPreferences(row.data, row.created_at, row.updated_at)
+    # jsonb goes through SQLAlchemy's codec, installed on every pooled connection: it takes the
+    # document as JSON text and gives it back decoded.
+    document = orjson.dumps(set_values).decode()
+    return _stored(await (await driver_of(db)).fetchrow(_PATCH, user_id, document, list(clear)))

@@ -106,12 +106,12 @@ class PreferencesService:
         self._db = db
 
     async def get(self, p: Principal) -> StoredPreferences | None:
-        async with self._db.transaction(p.user_id, p.session_id) as db:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as db:
             return await repo.get(db, p.user_id)
 
     async def update(self, p: Principal, patch: dict[str, Any]) -> StoredPreferences:
         set_values, clear = validate(patch)
-        async with self._db.transaction(p.user_id, p.session_id) as db:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as db:
             return await repo.patch(db, p.user_id, set_values=set_values, clear=clear)
 
     async def export(self, p: Principal) -> AsyncIterator[StoredPreferences]:
