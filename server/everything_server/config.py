@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     # the process holds max_streams_per_process open streams, or while its event loop runs more than
     # max_loop_lag_ms late (smoothed; 0 turns the lag check off), or, with admission_target_load
     # above 0, while it holds as many streams as an adaptive limit that keeps the event loop's load
-    # near that target (0.85 measured best on 2 cores; off by default: it trades about half the
+    # near that target (0.85 measured best on 2 cores; off by default: it trades a third to half the
     # throughput past capacity for refusals in milliseconds). Unary calls are not refused by it.
     max_streams_per_process: int = Field(2000, ge=1, le=1_000_000)
     admission_target_load: float = Field(0.0, ge=0, lt=1)
