@@ -537,11 +537,6 @@ async def events_after(
     return list((await db.execute(stmt)).scalars())
 
 
-async def count_event_batches(db: AsyncSession, message_id: uuid.UUID) -> int:
-    stmt = select(func.count()).select_from(MessageEvents).where(MessageEvents.message_id == message_id)
-    return (await db.execute(stmt)).scalar_one()
-
-
 # -- export ---------------------------------------------------------------------------------------
 
 
