@@ -103,10 +103,10 @@ class Settings(BaseSettings):
     default_system_prompt: str = "You are a helpful assistant."
     default_temperature: float = Field(0.7, ge=0, le=2)
     history_budget_chars: int = Field(24_000, ge=1_000, le=2_000_000)
-    # A reply's text goes to a stream at most once per this many milliseconds: the tokens that come
-    # meanwhile travel together in one message (the first token and the end of a reply are never
-    # held). 0 sends every token as its own message. Each message costs the server a socket write and
-    # a wake-up, so this is most of the CPU a stream costs (see the README's benchmark).
+    # The text of a chat reply or a search summary goes to a stream at most once per this many
+    # milliseconds: the tokens that come meanwhile travel together in one message (the first token and
+    # the end are never held). 0 sends every token as its own message. Each message costs the server a
+    # socket write and a wake-up, so this is most of the CPU a stream costs (see the README's benchmark).
     stream_interval_ms: int = Field(40, ge=0, le=1000)
 
     # Web search providers: each is on when its URL (SearXNG) or API key (Brave, Tavily) is set.

@@ -147,7 +147,7 @@ async def test_a_cancelled_follower_leaves_no_waiter_behind():
     await f.until(2)
     gen.emit(DELTA, text="b")
     await asyncio.sleep(0.05)  # the follower is pausing now
-    assert len(gen._pausing) == 1
+    assert gen._pacer.waiting == 1
     f.task.cancel()
     await asyncio.gather(f.task, return_exceptions=True)
-    assert not gen._pausing
+    assert gen._pacer.waiting == 0

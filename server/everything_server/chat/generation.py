@@ -70,6 +70,7 @@ from everything_server.chat.models import CANCELLED, COMPLETED, FAILED, GENERATI
 from everything_server.db.database import Database
 from everything_server.db.pubsub import MAX_PAYLOAD
 from everything_server.limits import Limits
+from everything_server.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class Generation:
         self.task: asyncio.Task | None = None
         self.ending = False  # an event other than a delta came (usage, title, done): no more pacing
         self._changed = asyncio.Event()
-        self._pausing: set[asyncio.Future] = set()  # followers pacing their deltas (`follow`)
+        self._pacer = Pacer()  # followers pacing their deltas (`follow`)
 
     @property
     def content(self) -> str:
@@ -191,8 +192,7 @@ class Generation:
             if ev.kind == USAGE:
                 self.usage = ev.usage
             self.ending = True
-            for waiter in self._pausing:
-                _wake(waiter)
+            self._pacer.wake()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         return ev
@@ -201,14 +201,10 @@ class Generation:
         """Events with seq > after_seq, then live ones, until `done` (always delivered). Deltas that
         are ready together come as one (`coalesce`).
 
-        `interval` (seconds) paces the text: after a delta is sent, the next one waits for the
-        next tick of a clock shared by every stream of the process (the multiples of `interval`
-        of loop time), taking with it every token that arrived meanwhile, so a stream costs one
-        message (one write, one wake-up of the client) per interval instead of one per token, and
-        the streams' messages go out together, in one wake-up of the loop instead of one each
-        (at 16 streams that was 15% of the process's CPU per token). The first delta is never
-        held (time to first token is unchanged), nor is the end of the reply: usage, title and
-        `done` wake a waiting follower at once."""
+        `interval` (seconds) paces the text (`pacing`: one message per tick of a clock shared by
+        the process's streams, with every token that came meanwhile; at 16 streams the messages
+        one per token were 15% of the process's CPU per token). The first delta is never held,
+        nor is the end of the reply: usage, title and `done` wake a waiting follower at once."""
         loop = asyncio.get_running_loop()
         i = max(0, min(after_seq, len(self.events) - 1))
         while True:
@@ -223,26 +219,7 @@ class Generation:
                 if ev.kind == DONE:
                     return
             if interval > 0 and ready[-1].kind == DELTA and not self.ending:
-                await self._pause((sent // interval + 1) * interval - loop.time())
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep `seconds`, or less if the reply starts ending meanwhile (`append`)."""
-        if seconds <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(seconds, _wake, waiter)
-        self._pausing.add(waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._pausing.discard(waiter)
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+                await self._pacer.pause(sent, interval)
 
 
 async def _uncancellable(aw: Awaitable[Any], timeout: float) -> Any:  # noqa: ASYNC109

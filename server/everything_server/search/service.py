@@ -173,6 +173,7 @@ class SearchService:
         self._providers = providers
         self._settings = settings
         self._timeout = settings.search_timeout_seconds
+        self._interval = settings.stream_interval_ms / 1000  # pacing of the summary's text
         self._live: dict[uuid.UUID, LiveSearch] = {}
 
     # -- input ------------------------------------------------------------------------------------
@@ -264,14 +265,14 @@ class SearchService:
         self._live[row.id] = live
         # Nothing awaits between the commit above and here, so a row is never left without its task.
         self._bg.spawn(task_key(row.id), self._run(live, p.user_id, query, plan))
-        async for event in live.watch():
+        async for event in live.watch(self._interval):
             yield event
 
     async def _follow(self, p: Principal, row: SearchQuery) -> AsyncIterator[Event]:
         """The events of an existing search: live when it runs here, else from the saved record."""
         live = self._live.get(row.id)
         if live is not None:
-            async for event in live.watch():
+            async for event in live.watch(self._interval):
                 yield event
             return
         seq = 0
