@@ -34,6 +34,10 @@ def _alive(pid: int) -> bool:
 def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, tmp_path: Path):
     out = tmp_path / "bench"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVERYTHING_")}
+    # The systems under test on a CPU of their own, where there are two to choose from.
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu = cpus[-1] if len(cpus) > 1 else None
+    pinning = ["--server-cpus", str(server_cpu)] if server_cpu is not None else []
     proc = subprocess.run(
         [
             sys.executable,
@@ -51,6 +55,7 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
             "EVERYTHING_MAX_STREAMS_PER_PROCESS=4",
             "--server-env",
             "EVERYTHING_MAX_LOOP_LAG_MS=0",
+            *pinning,
         ],
         cwd=ROOT,
         env=env,
@@ -68,6 +73,12 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
     assert results["problems"] == []
     assert results["meta"]["mode"] == "smoke"
     assert set(results["streams"]) == {"direct", "grpc-1"}
+    if server_cpu is not None:  # the server ran on its CPU, the rest of the run on the others
+        meta = results["meta"]
+        assert meta["server_cpus"] == [server_cpu]
+        assert meta["server_affinity"] == {"grpc-1": [server_cpu]}
+        assert meta["other_cpus"] and server_cpu not in meta["other_cpus"]
+        assert f"systems under test on CPUs [{server_cpu}]" in (out / "results.md").read_text()
 
     direct = results["streams"]["direct"][0]
     grpc = results["streams"]["grpc-1"][0]

@@ -168,6 +168,54 @@ class Sampler:
                 await self._task
 
 
+# -- CPUs of the systems under test (--server-cpus) -----------------------------------------------
+
+# Set by `pin_servers`: processes spawned with server=True run on these CPUs, everything else the
+# run starts on the others. None: no pinning (every process may run on every CPU).
+_server_cpus: frozenset[int] | None = None
+
+
+def pin_servers(cpus: Iterable[int]) -> frozenset[int]:
+    """From now on, what is spawned with server=True runs on `cpus`, and this process (and so what
+    it starts otherwise: the mock, the load generators, an embedded PostgreSQL) on the CPUs left.
+    Returns those. A PostgreSQL the run did not start is not moved."""
+    global _server_cpus
+    wanted, allowed = frozenset(cpus), frozenset(os.sched_getaffinity(0))
+    if not wanted or not wanted < allowed:
+        raise ValueError(f"--server-cpus must be some, not all, of the CPUs this may use: {sorted(allowed)}")
+    rest = allowed - wanted
+    pin(os.getpid(), rest)
+    _server_cpus = wanted
+    return rest
+
+
+def pin(pid: int, cpus: Iterable[int]) -> None:
+    """Every thread of `pid` (those it starts later inherit it) runs on `cpus` only."""
+    cpus = set(cpus)
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return  # gone
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(tid, cpus)
+
+
+def pin_server(pid: int) -> None:
+    """A process of a system under test (or one of its children) goes to the servers' CPUs."""
+    if _server_cpus is not None:
+        pin(pid, _server_cpus)
+
+
+def affinity(pids: Iterable[int]) -> list[int]:
+    """The CPUs any of `pids` may run on (sorted)."""
+    out: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out |= os.sched_getaffinity(pid)
+    return sorted(out)
+
+
 # -- subprocesses -----------------------------------------------------------------------------------
 
 
@@ -178,6 +226,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    server: bool = False  # a process of a system under test (`spawn`)
 
     @property
     def pid(self) -> int:
@@ -209,7 +258,18 @@ class Proc:
         return self.popen.returncode
 
 
-def spawn(name: str, args: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> Proc:
+def spawn(
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    cwd: Path | None = None,
+    *,
+    server: bool = False,
+) -> Proc:
+    """Start `args` in its own process group; `server`: a process of a system under test, run on
+    the servers' CPUs when the run pins them (`pin_servers`; set again by `wait_for` once it is
+    ready, for threads its start-up made before)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
@@ -221,7 +281,9 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_path: Path, cwd: 
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() reaches its children
         )
-    return Proc(name, popen, log_path)
+    if server:
+        pin_server(popen.pid)
+    return Proc(name, popen, log_path, server)
 
 
 async def wait_for(
@@ -235,6 +297,8 @@ async def wait_for(
         except Exception:  # noqa: BLE001 - not ready yet
             value = None
         if value:
+            if proc is not None and proc.server:
+                pin_server(proc.pid)
             return value
         if proc is not None and not proc.alive():
             raise RuntimeError(

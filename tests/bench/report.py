@@ -495,6 +495,11 @@ def render(results: dict[str, Any], table=text_table) -> str:
     out.append(
         f"everything benchmark: {meta['cores']} cores, mock {meta['tokens']} tokens/reply at "
         f"{meta['rate']} tokens/s, {meta['duration_s']} s per run, database {meta['database']}"
+        + (
+            f"; systems under test on CPUs {meta['server_cpus']}, the rest of the run on {meta['other_cpus']}"
+            if meta.get("server_cpus")
+            else ""
+        )
     )
     for rate_key, title in (
         ("streams", "Streams"),

@@ -158,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--database-url", default=os.environ.get("DATABASE_URL"), help="admin URL (default: embedded)"
     )
+    p.add_argument(
+        "--server-cpus",
+        type=lambda v: sorted({int(c) for c in v.split(",")}),
+        help="comma-separated CPUs for the systems under test (servers, Envoy, LiteLLM); the mock, the "
+        "load generators and an embedded PostgreSQL get the others (default: no pinning)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "bench")
     p.add_argument(
         "--server-env", action="append", default=[], metavar="K=V", help="extra env for everything-server"
@@ -258,6 +264,9 @@ class Bench:
     async def setup(self) -> None:
         a = self.args
         log(f"run folder {self.run_dir}")
+        others = procs.pin_servers(a.server_cpus) if a.server_cpus else None
+        if others is not None:
+            log(f"systems under test on CPUs {a.server_cpus}, the rest of the run on {sorted(others)}")
         self.db = await systems.Database.create(a.database_url)
         await self.db.migrate()
         self.db.start_watching()
@@ -286,6 +295,9 @@ class Bench:
             "levels": a.levels,
             "systems": a.systems,
             "servers_in_grpc_N": a.servers,
+            "server_cpus": a.server_cpus,  # None: not pinned
+            "other_cpus": sorted(others) if others is not None else None,
+            "server_affinity": {},  # by system: the CPUs its processes were seen allowed on
             "refusal_backoff_s": a.refusal_backoff,
             "concurrency_scenario": None
             if a.no_concurrency
@@ -343,10 +355,16 @@ class Bench:
         kids = procs.children_map()
         for p in ps:
             pids = procs.tree(p.pid, kids)
+            for pid in pids:  # children too (LiteLLM's workers)
+                procs.pin_server(pid)
             if p.name == "envoy":
                 system.gateway_pids = pids
             else:
                 system.server_pids.extend(pids)
+        if self.args.server_cpus and (system.server_pids or system.gateway_pids):
+            self.results["meta"]["server_affinity"][system.name] = procs.affinity(
+                [*system.server_pids, *system.gateway_pids]
+            )
 
     async def ensure_users(self, target: str) -> None:
         """Sign up the users once (Argon2 work, outside every measured window)."""
@@ -883,7 +901,9 @@ class Bench:
             str(spy), "record", "--gil", "-r", str(rate_hz), "-f", "raw", "-o", str(out), "--",
             str(systems.VENV_BIN / "everything-server"), "--host", "127.0.0.1", "--port", "0",
         ]  # fmt: skip
-        p = procs.spawn("server-profiled", args, env, self.run_dir / "logs" / "server-profiled.log", cwd=ROOT)
+        p = procs.spawn(
+            "server-profiled", args, env, self.run_dir / "logs" / "server-profiled.log", cwd=ROOT, server=True
+        )
         self._track(p)
         try:
             port = await procs.wait_for(

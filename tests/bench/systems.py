@@ -297,6 +297,7 @@ async def start_servers(run_dir: Path, senv: ServerEnv, n: int, tag: str) -> lis
             env,
             run_dir / "logs" / f"server-{tag}-{i}.log",
             cwd=ROOT,
+            server=True,
         )
         for i in range(n)
     ]
@@ -332,7 +333,7 @@ async def start_gateway(run_dir: Path, upstream_ports: list[int]) -> tuple[procs
     for up in upstream_ports:
         args += ["--upstream", f"127.0.0.1:{up}"]
     args += ["--work-dir", str(run_dir / "gateway")]
-    p = procs.spawn("envoy", args, _clean_env(), run_dir / "logs" / "envoy.log", cwd=ROOT)
+    p = procs.spawn("envoy", args, _clean_env(), run_dir / "logs" / "envoy.log", cwd=ROOT, server=True)
 
     def ready() -> bool:
         if not procs.port_open(port):
@@ -413,7 +414,7 @@ async def start_litellm(run_dir: Path, mock_base_url: str, log) -> tuple[procs.P
         }
     )
     args = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
-    p = procs.spawn("litellm", args, env, run_dir / "logs" / "litellm.log", cwd=run_dir)
+    p = procs.spawn("litellm", args, env, run_dir / "logs" / "litellm.log", cwd=run_dir, server=True)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness", timeout=2) as resp:  # noqa: S310
