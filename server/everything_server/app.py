@@ -126,7 +126,6 @@ class App:
                     caps=Caps(
                         rate_limit_per_minute=s.rate_limit_per_minute,
                         max_streams_per_user=s.max_streams_per_user,
-                        max_streams_per_process=s.max_streams_per_process,
                         max_loop_lag_seconds=s.max_loop_lag_ms / 1000,
                         unary_timeout_seconds=s.unary_timeout_seconds,
                     ),

@@ -83,6 +83,8 @@ class Caps:
 
     rate_limit_per_minute: int = 600
     max_streams_per_user: int = 8
+    # Open streams of the process, when the interceptor is given no StreamAdmission of its own (the
+    # app gives one, built from the same setting, which its LoopLagMonitor steers).
     max_streams_per_process: int = 2000
     # New streams are refused while the smoothed event-loop lag is above this; 0 turns it off.
     max_loop_lag_seconds: float = 0.1
