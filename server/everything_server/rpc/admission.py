@@ -53,6 +53,16 @@ Tried on 2026-12-02 (2 cores, 1,000 streams at 50 tokens/s) and left out:
   (p50), since calls wait in grpc core for seconds while the smoothed lag of a saturated loop stays
   under 40 ms (at 40 ms nothing was refused).
 
+Tried on 2026-12-03, on a machine about half as fast (the mock alone gave first tokens at p50 19 s
+at 1,000 streams), and left out: steering the limit by the loop thread's CPU share instead of its
+load, so that CPU taken by other processes would not lower it. Nothing was refused, and 467 calls
+ended CANCELLED after 30 s: the longest grpc core keeps a call no code has taken
+(`grpc.server_max_unrequested_time_in_server`, 30 s by default), which is also where the default
+server's errors come from at that load (116 in the same hour). The load-steered limit itself did
+badly there: 2.6k tokens/s against 4.8k without it, and 961 of the 1,000 cheap streams of the
+burst refused; with the server on a CPU of its own (the benchmark's `--server-cpus`), 3.3k against
+11.3k and 935 refused. So it stays off by default.
+
 Streams already admitted run on; unary calls (short, and how clients see an overloaded server's
 state) and health checks are never refused by this. The lag is smoothed (an exponentially weighted
 mean of samples capped at 250 ms) so that one long pause does not refuse calls for long, while
