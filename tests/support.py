@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +158,26 @@ async def start_server_process(
         await asyncio.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not start within {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
+class Timed:
+    """A task reading `events` (an async iterator), noting each with the loop time it came: for
+    tests of when a stream's messages go out (pacing)."""
+
+    def __init__(self, events: AsyncIterator):
+        self.got: list[tuple[float, object]] = []
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.create_task(self._run(events))
+
+    async def _run(self, events: AsyncIterator) -> None:
+        async for ev in events:
+            self.got.append((self.loop.time(), ev))
+
+    async def until(self, n: int, timeout: float = 5.0) -> None:
+        """Wait until `n` have come."""
+        async with asyncio.timeout(timeout):
+            while len(self.got) < n:
+                await asyncio.sleep(0.005)
 
 
 def redact(text: str) -> str:

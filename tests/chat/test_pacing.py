@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from everything_server.chat.events import DELTA, DONE, START, USAGE, Event, Usage
 from everything_server.chat.generation import Generation
 from everything_server.chat.models import GENERATING, Message
+from tests.support import Timed
 
 INTERVAL = 0.5  # long against this machine's scheduling noise; the assertions keep wide margins
 SLACK = 0.1  # how late a woken follower may run on a loaded machine
@@ -31,22 +32,9 @@ def generation() -> Generation:
     return Generation(row)
 
 
-class Follower:
+def follower(gen: Generation, interval: float) -> Timed:
     """A task following `gen`, noting each event with the loop time it came."""
-
-    def __init__(self, gen: Generation, interval: float):
-        self.got: list[tuple[float, Event]] = []
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.create_task(self._run(gen, interval))
-
-    async def _run(self, gen: Generation, interval: float) -> None:
-        async for ev in gen.follow(0, interval):
-            self.got.append((self.loop.time(), ev))
-
-    async def until(self, n: int, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.got) < n:
-                await asyncio.sleep(0.005)
+    return Timed(gen.follow(0, interval))
 
 
 async def just_after_a_tick() -> None:
@@ -62,7 +50,7 @@ def off_tick(when: float) -> float:
 
 async def test_tokens_within_an_interval_travel_together_and_the_first_is_not_held():
     gen, loop = generation(), asyncio.get_running_loop()
-    f = Follower(gen, INTERVAL)
+    f = follower(gen, INTERVAL)
     await f.until(1)
     assert f.got[0][1].kind == START
 
@@ -92,7 +80,7 @@ async def test_streams_whose_tokens_come_at_different_times_send_at_the_same_tic
     wake-up of the loop for all their messages instead of one each."""
     loop = asyncio.get_running_loop()
     gens = [generation(), generation()]
-    followers = [Follower(g, INTERVAL) for g in gens]
+    followers = [follower(g, INTERVAL) for g in gens]
     await just_after_a_tick()
     for g, f in zip(gens, followers, strict=True):
         g.emit(DELTA, text="first")  # sent at once, 0.15 s apart
@@ -114,7 +102,7 @@ async def test_streams_whose_tokens_come_at_different_times_send_at_the_same_tic
 
 async def test_the_end_of_a_reply_wakes_a_waiting_follower_at_once():
     gen, loop = generation(), asyncio.get_running_loop()
-    f = Follower(gen, INTERVAL)
+    f = follower(gen, INTERVAL)
     gen.emit(DELTA, text="a")
     await f.until(2)
     sent = loop.time()
@@ -131,7 +119,7 @@ async def test_the_end_of_a_reply_wakes_a_waiting_follower_at_once():
 
 async def test_without_an_interval_every_token_is_its_own_message():
     gen = generation()
-    f = Follower(gen, 0.0)
+    f = follower(gen, 0.0)
     for word in ("a", "b", "c"):
         gen.emit(DELTA, text=word)
         await f.until(len(f.got) + 1)
@@ -142,7 +130,7 @@ async def test_without_an_interval_every_token_is_its_own_message():
 
 async def test_a_cancelled_follower_leaves_no_waiter_behind():
     gen = generation()
-    f = Follower(gen, INTERVAL)
+    f = follower(gen, INTERVAL)
     gen.emit(DELTA, text="a")
     await f.until(2)
     gen.emit(DELTA, text="b")

@@ -16,30 +16,15 @@ from everything_server.search.models import (
     SummaryDelta,
     UsageReported,
 )
+from tests.support import Timed
 
 INTERVAL = 0.5  # long against this machine's scheduling noise; the assertions keep wide margins
 SLACK = 0.1  # how late a woken watcher may run on a loaded machine
 
 
-class Watcher:
+def watcher(live: LiveSearch, interval: float) -> Timed:
     """A task watching `live`, noting each event with the loop time it came."""
-
-    def __init__(self, live: LiveSearch, interval: float):
-        self.got: list[tuple[float, Event]] = []
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.create_task(self._run(live, interval))
-
-    async def _run(self, live: LiveSearch, interval: float) -> None:
-        async for ev in live.watch(interval):
-            self.got.append((self.loop.time(), ev))
-
-    async def until(self, n: int, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.got) < n:
-                await asyncio.sleep(0.005)
-
-    def texts(self) -> list[str]:
-        return [ev.body.text for _, ev in self.got if isinstance(ev.body, SummaryDelta)]
+    return Timed(live.watch(interval))
 
 
 def started() -> Started:
@@ -70,7 +55,7 @@ async def test_deltas_ready_together_go_out_as_one_and_seq_counts_the_messages_s
 async def test_a_summary_is_paced_on_the_shared_clock_and_the_first_delta_is_not_held():
     live, loop = LiveSearch(uuid.uuid4()), asyncio.get_running_loop()
     live.emit(started())
-    w = Watcher(live, INTERVAL)
+    w = watcher(live, INTERVAL)
     await w.until(1)
 
     await just_after_a_tick()
@@ -94,7 +79,7 @@ async def test_a_summary_is_paced_on_the_shared_clock_and_the_first_delta_is_not
 async def test_the_end_of_a_search_wakes_a_waiting_watcher_at_once():
     live, loop = LiveSearch(uuid.uuid4()), asyncio.get_running_loop()
     live.emit(started())
-    w = Watcher(live, INTERVAL)
+    w = watcher(live, INTERVAL)
     await just_after_a_tick()
     live.emit(SummaryDelta("a"))
     await w.until(2)
