@@ -61,7 +61,9 @@ ended CANCELLED after 30 s: the longest grpc core keeps a call no code has taken
 server's errors come from at that load (116 in the same hour). The load-steered limit itself did
 badly there: 2.6k tokens/s against 4.8k without it, and 961 of the 1,000 cheap streams of the
 burst refused; with the server on a CPU of its own (the benchmark's `--server-cpus`), 3.3k against
-11.3k and 935 refused. So it stays off by default.
+11.3k and 935 refused (3.2k against 8.5k and 912 with the database on the other CPU). A loop with
+fewer streams spends more per token (0.29 against 0.11 CPU s per 1,000 there), so its load stays
+high while it refuses. So it stays off by default.
 
 Streams already admitted run on; unary calls (short, and how clients see an overloaded server's
 state) and health checks are never refused by this. The lag is smoothed (an exponentially weighted
