@@ -728,11 +728,20 @@ class Bench:
         housekeeping are not the replies'. Transactions are the run's database's commits +
         rollbacks (pg_stat_database) minus the monitor's own (Database.snapshot); rows written are
         inserts + updates (pg_stat_user_tables; the deletes, of housekeeping, are in the JSON). WAL
-        is cluster-wide, so only reported on an embedded cluster of the run's own."""
+        is cluster-wide, so only reported on an embedded cluster of the run's own. Autovacuum is off
+        on the run's tables meanwhile (`Database.autovacuum`)."""
+        assert self.db is not None and self.senv is not None
+        await self._migrated()
+        await self.db.autovacuum(False)
+        try:
+            await self._db_writes()
+        finally:
+            await self.db.autovacuum(True)
+
+    async def _db_writes(self) -> None:
         a = self.args
         assert self.db is not None and self.senv is not None
         replies = a.writes_replies
-        await self._migrated()
         await self.quiesce()
         if len(self.tokens) < min(a.users, replies):  # sign-ups are not part of any window
             started = await systems.start_servers(self.run_dir, self.senv, 1, "writes-users")

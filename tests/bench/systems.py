@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -135,6 +136,33 @@ class Database:
     def start_watching(self) -> None:
         if self.embedded is None and self._task is None:
             self._task = asyncio.create_task(self._watch_backends(), name="pg-backends")
+
+    async def autovacuum(self, on: bool) -> None:
+        """Autovacuum and autoanalyze of the run's tables on or off. Off while database writes per
+        reply are measured: a worker analysing the tables the windows wrote counts its transactions
+        on the run's database too (15 of them once landed in an idle server's window). Turning it
+        off waits (bounded) for a worker that is at work there to finish."""
+        tables = await self._fetch(
+            "SELECT format('%I.%I', schemaname, relname) AS t FROM pg_stat_user_tables ORDER BY 1"
+        )
+        for row in tables:
+            async with self._lock:
+                self.statements += 1
+                if on:
+                    await self._monitor.execute(f"ALTER TABLE {row['t']} RESET (autovacuum_enabled)")
+                else:
+                    await self._monitor.execute(f"ALTER TABLE {row['t']} SET (autovacuum_enabled = false)")
+        if on:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            rows = await self.admin_fetch(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'autovacuum worker'",
+                self.name,
+            )
+            if int(rows[0]["n"]) == 0:
+                return
+            await asyncio.sleep(0.2)
 
     async def table_stats(self) -> dict[str, dict[str, int]]:
         rows = await self._fetch("SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables")
