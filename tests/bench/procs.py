@@ -202,7 +202,7 @@ def pin(pid: int, cpus: Iterable[int]) -> None:
 
 
 def pin_server(pid: int) -> None:
-    """A process of a system under test (or one of its children) goes to the servers' CPUs."""
+    """A process of a system under test goes to the servers' CPUs (its threads and children inherit them)."""
     if _server_cpus is not None:
         pin(pid, _server_cpus)
 
@@ -226,7 +226,6 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path
-    server: bool = False  # a process of a system under test (`spawn`)
 
     @property
     def pid(self) -> int:
@@ -268,8 +267,8 @@ def spawn(
     server: bool = False,
 ) -> Proc:
     """Start `args` in its own process group; `server`: a process of a system under test, run on
-    the servers' CPUs when the run pins them (`pin_servers`; set again by `wait_for` once it is
-    ready, for threads its start-up made before)."""
+    the servers' CPUs when the run pins them (`pin_servers`; it is pinned before it can start a
+    thread or a child, which inherit it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
@@ -283,7 +282,7 @@ def spawn(
         )
     if server:
         pin_server(popen.pid)
-    return Proc(name, popen, log_path, server)
+    return Proc(name, popen, log_path)
 
 
 async def wait_for(
@@ -297,8 +296,6 @@ async def wait_for(
         except Exception:  # noqa: BLE001 - not ready yet
             value = None
         if value:
-            if proc is not None and proc.server:
-                pin_server(proc.pid)
             return value
         if proc is not None and not proc.alive():
             raise RuntimeError(

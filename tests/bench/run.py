@@ -355,8 +355,6 @@ class Bench:
         kids = procs.children_map()
         for p in ps:
             pids = procs.tree(p.pid, kids)
-            for pid in pids:  # children too (LiteLLM's workers)
-                procs.pin_server(pid)
             if p.name == "envoy":
                 system.gateway_pids = pids
             else:

@@ -145,13 +145,9 @@ class Database:
         tables = await self._fetch(
             "SELECT format('%I.%I', schemaname, relname) AS t FROM pg_stat_user_tables ORDER BY 1"
         )
+        change = "RESET (autovacuum_enabled)" if on else "SET (autovacuum_enabled = false)"
         for row in tables:
-            async with self._lock:
-                self.statements += 1
-                if on:
-                    await self._monitor.execute(f"ALTER TABLE {row['t']} RESET (autovacuum_enabled)")
-                else:
-                    await self._monitor.execute(f"ALTER TABLE {row['t']} SET (autovacuum_enabled = false)")
+            await self._fetch(f"ALTER TABLE {row['t']} {change}")
         if on:
             return
         deadline = time.monotonic() + 30
