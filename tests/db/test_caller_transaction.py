@@ -150,3 +150,44 @@ async def test_the_one_round_trip_path_is_the_one_taken(one_connection, user, mo
     async with one_connection.transaction(uid, sid) as s:
         assert await _scalar(s, "SELECT current_setting('transaction_isolation')") == "read committed"
     assert taken == [True, True]
+
+
+async def test_a_pool_that_stays_busy_answers_unavailable_not_internal(database_url, user):
+    """Every connection busy for the pool's whole timeout (a process past what its connections
+    serve) is DATABASE_BUSY, a retryable UNAVAILABLE with a delay, on both kinds of transaction."""
+    db = Database(database_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    user_id, session_id = _ids(user)
+    try:
+        async with db.transaction():  # holds the only connection
+            for begin in (db.transaction, lambda: db.driver_transaction(user_id, session_id)):
+                with pytest.raises(errors.Unavailable) as caught:
+                    async with begin():
+                        pass
+                assert caught.value.reason == "DATABASE_BUSY" and caught.value.retry_after
+        async with db.driver_transaction(user_id, session_id) as conn:  # and free again after
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await db.dispose()
+
+
+async def test_the_pool_queue_knows_who_waits_for_a_connection_and_for_how_long(database_url, user):
+    db = Database(database_url, pool_size=1, max_overflow=0, pool_timeout=5)
+    user_id, session_id = _ids(user)
+    try:
+        assert len(db.queue) == 0 and db.queue.oldest_wait() == 0.0
+        async with db.transaction():  # holds the only connection
+            waiters = [
+                asyncio.create_task(_briefly(db.driver_transaction(user_id, session_id))),
+                asyncio.create_task(_briefly(db.transaction(user_id, session_id))),
+            ]
+            await asyncio.sleep(0.3)
+            assert len(db.queue) == 2 and 0.25 <= db.queue.oldest_wait() < 5
+        await asyncio.gather(*waiters)
+        assert len(db.queue) == 0 and db.queue.oldest_wait() == 0.0
+    finally:
+        await db.dispose()
+
+
+async def _briefly(unit) -> None:
+    async with unit:
+        pass

@@ -23,6 +23,7 @@ import asyncpg
 from opentelemetry import trace
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -30,7 +31,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.pool import NullPool, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from everything_server import errors
@@ -47,6 +48,10 @@ _BEGIN = {None: "BEGIN", "read_committed": "BEGIN ISOLATION LEVEL READ COMMITTED
 
 def _session_ended() -> errors.Unauthenticated:
     return errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
+
+
+# What `Database.patiently` tries again.
+_RETRIED = ("DATABASE_UNAVAILABLE", "DATABASE_BUSY")
 
 
 def _database_unavailable() -> errors.Unavailable:
@@ -205,12 +210,60 @@ def _unavailable_on_disconnect() -> Iterator[None]:
     except Exception as exc:
         if is_connection_error(exc):
             raise _database_unavailable() from exc
+        if isinstance(exc, PoolTimeoutError):
+            # Every connection stayed busy for the pool's whole timeout: the process is past what
+            # its database connections serve. Retryable, like a database that is away.
+            raise errors.Unavailable(
+                "the database is busy; try again", reason="DATABASE_BUSY", retry_after=1.0
+            ) from exc
         raise
 
 
+class PoolQueue:
+    """The callers waiting for a pooled connection now, and how long the oldest has waited: a
+    standing queue there means the process is past what its connections serve (admission control
+    refuses new streams while the oldest wait is long, see rpc/admission.py)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._waiting: dict[object, float] = {}  # insertion-ordered: the first is the oldest
+
+    @contextmanager
+    def waiting(self) -> Iterator[float]:
+        token, since = object(), self._clock()
+        self._waiting[token] = since
+        try:
+            yield since
+        finally:
+            del self._waiting[token]
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting caller has waited so far (0 with no one waiting)."""
+        for since in self._waiting.values():
+            return self._clock() - since
+        return 0.0
+
+
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False):
-        self._pool = {"pool_size": pool_size, "max_overflow": max_overflow, "echo": echo}
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        pool_timeout: float = 10.0,
+        echo: bool = False,
+    ):
+        self._pool = {
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "pool_timeout": pool_timeout,
+            "echo": echo,
+        }
+        self.queue = PoolQueue()  # callers waiting for a connection
         self.metrics = None  # a metrics.Metrics, set by the container
         self.tracer: trace.Tracer = trace.NoOpTracer()  # set by the container when tracing is on
         self._open(url)
@@ -221,10 +274,17 @@ class Database:
             self.url,
             pool_size=self._pool["pool_size"],
             max_overflow=self._pool["max_overflow"],
-            pool_timeout=10,
+            pool_timeout=self._pool["pool_timeout"],
             pool_recycle=1800,
             echo=self._pool["echo"],
             connect_args={"server_settings": {"application_name": "everything-server"}},
+        )
+        # Health checks connect on their own: a pool kept busy by load must not read as a database
+        # that is away (health NOT_SERVING would refuse every call of a loaded process).
+        self._probe: AsyncEngine = create_async_engine(
+            self.url,
+            poolclass=NullPool,
+            connect_args={"server_settings": {"application_name": "everything-server-health"}},
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         pool = self.engine.sync_engine.pool
@@ -233,7 +293,7 @@ class Database:
 
     async def switch_url(self, url: str) -> None:
         """Reconnect as someone else (start-up only, before any request)."""
-        await self.engine.dispose()
+        await self.dispose()
         self._open(url)
 
     async def role(self) -> tuple[str, bool]:
@@ -271,8 +331,8 @@ class Database:
         """A short transaction. With `user_id`, the caller is set for RLS; with `session_id` too,
         the caller's sign-in session must still be live or `Unauthenticated` is raised."""
         async with self._unit(), self.sessionmaker.begin() as session:
-            waited = time.perf_counter()
-            conn = await session.connection()
+            with self.queue.waiting() as waited:
+                conn = await session.connection()
             self._waited(waited)
             if user_id is not None and not await _begin_as_caller(
                 await conn.get_raw_connection(), conn.invalidate, user_id, session_id
@@ -293,9 +353,9 @@ class Database:
         """A pooled connection itself, without SQLAlchemy's Connection around it (30 µs less per
         checkout and return, measured), and how to drop it from the pool. At exit it goes back to
         the pool, whose reset rolls back whatever transaction is still open on it (`_Begun`)."""
-        waited = time.perf_counter()
         try:
-            raw = await self.engine.raw_connection()
+            with self.queue.waiting() as waited:
+                raw = await self.engine.raw_connection()
         except Exception as exc:
             # engine.connect() would wrap a failed connect in OperationalError; this path does not.
             if is_connection_error(exc) or is_connection_error(exc.__cause__ or exc):
@@ -330,7 +390,8 @@ class Database:
 
     async def patiently(self, work: Callable[[], Awaitable[T]], *, patience: float) -> T:
         """`work()` (a unit of work with its own transaction), tried again while the database is
-        unavailable (a restart, a failover) for up to `patience` seconds, then its error. For the
+        unavailable (a restart, a failover) or busy (no connection free for the pool's timeout) for
+        up to `patience` seconds, then its error. For the
         final save of work that outlives its RPC (a reply, a search, an image): a blip must not
         leave it unfinished for good. `work` must be safe to repeat (a commit whose answer was lost
         runs again)."""
@@ -341,7 +402,7 @@ class Database:
             try:
                 return await work()
             except errors.Unavailable as exc:
-                if exc.reason != "DATABASE_UNAVAILABLE" or loop.time() + delay > deadline:
+                if exc.reason not in _RETRIED or loop.time() + delay > deadline:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -350,7 +411,9 @@ class Database:
     async def autocommit(self) -> AsyncIterator[AsyncConnection]:
         """One statement, one round trip, no BEGIN/COMMIT: for counters that touch no user rows."""
         with _unavailable_on_disconnect():
-            async with self.engine.connect() as conn:
+            async with contextlib.AsyncExitStack() as stack:
+                with self.queue.waiting():
+                    conn = await stack.enter_async_context(self.engine.connect())
                 yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
@@ -373,7 +436,7 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def current_revision(self) -> str | None:
-        async with self.engine.connect() as conn:
+        async with self._probe.connect() as conn:
             exists = (
                 await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))
             ).scalar()
@@ -383,3 +446,4 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        await self._probe.dispose()
