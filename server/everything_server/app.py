@@ -26,6 +26,7 @@ from everything_server.container import Container
 from everything_server.db import migrate
 from everything_server.image import wiring as image_wiring
 from everything_server.preferences import wiring as preferences_wiring
+from everything_server.rpc.acceptors import Acceptors, HandlerRecorder, drain_wakeups
 from everything_server.rpc.admission import CallBacklog, LoopLagMonitor, StreamAdmission, calls_seen
 from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from everything_server.search import wiring as search_wiring
@@ -93,6 +94,7 @@ class App:
         self._watcher: asyncio.Task | None = None
         self._owns_container = container is None
         self.loop_lag: LoopLagMonitor | None = None
+        self.acceptors: Acceptors | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -103,7 +105,10 @@ class App:
             await migrate.upgrade_async(c.migration_url)
         await c.start()
         admission = StreamAdmission(
-            s.max_streams_per_process, target_load=s.admission_target_load, metrics=c.metrics
+            s.max_streams_per_process,
+            max_starting=s.max_starting_streams,
+            target_load=s.admission_target_load,
+            metrics=c.metrics,
         )
         self.loop_lag = LoopLagMonitor(
             metrics=c.metrics,
@@ -112,25 +117,26 @@ class App:
             # Read for its gauges only: not at all while no one can scrape them.
             backlog=CallBacklog() if s.metrics_port is not None else None,
         )
+        interceptor = ServerInterceptor(
+            c.tokens.verify_access,
+            limits=c.limits,
+            metrics=c.metrics,
+            ready=lambda: self.db_ready,
+            draining=lambda: self._draining,
+            tracing=c.tracing,
+            loop_lag=self.loop_lag,
+            db_wait=c.db.queue.oldest_wait,
+            admission=admission,
+            caps=Caps(
+                rate_limit_per_minute=s.rate_limit_per_minute,
+                max_streams_per_user=s.max_streams_per_user,
+                max_loop_lag_seconds=s.max_loop_lag_ms / 1000,
+                max_db_wait_seconds=s.max_db_wait_ms / 1000,
+                unary_timeout_seconds=s.unary_timeout_seconds,
+            ),
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                ServerInterceptor(
-                    c.tokens.verify_access,
-                    limits=c.limits,
-                    metrics=c.metrics,
-                    ready=lambda: self.db_ready,
-                    draining=lambda: self._draining,
-                    tracing=c.tracing,
-                    loop_lag=self.loop_lag,
-                    admission=admission,
-                    caps=Caps(
-                        rate_limit_per_minute=s.rate_limit_per_minute,
-                        max_streams_per_user=s.max_streams_per_user,
-                        max_loop_lag_seconds=s.max_loop_lag_ms / 1000,
-                        unary_timeout_seconds=s.unary_timeout_seconds,
-                    ),
-                )
-            ],
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -140,8 +146,9 @@ class App:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
+        recorder = HandlerRecorder(self.server)
         for descriptor, servicer, add in _services(c):
-            add(servicer, self.server)
+            add(servicer, recorder)
             self._service_names.append(descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -156,6 +163,9 @@ class App:
             raise RuntimeError(f"could not bind {s.host}:{s.port}")
         self.loop_lag.start()
         await self.server.start()
+        self.acceptors = Acceptors(self.server, recorder.handlers, [interceptor], s.accept_ahead_per_method)
+        self.acceptors.start()
+        drain_wakeups()
         await self._check_health()
         self._watcher = asyncio.create_task(self._watch_health(), name="health-watcher")
         log.info("listening", extra={"host": s.host, "port": self.port, "mock_model": s.uses_mock_model})

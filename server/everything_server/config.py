@@ -136,8 +136,14 @@ class Settings(BaseSettings):
     # near that target (0.85 measured best on 2 cores; off by default: it trades a third to half the
     # throughput past capacity for refusals in milliseconds). Unary calls are not refused by it.
     max_streams_per_process: int = Field(2000, ge=1, le=1_000_000)
+    max_starting_streams: int = Field(256, ge=1, le=1_000_000)
+    max_db_wait_ms: float = Field(250.0, ge=0, le=60_000)
     admission_target_load: float = Field(0.0, ge=0, lt=1)
     max_loop_lag_ms: float = Field(100.0, ge=0, le=60_000)
+    # Calls of each method requested from grpc core ahead of grpc.aio's own one (rpc/acceptors.py):
+    # a busy server takes a burst of new calls this many at a time, instead of one every few event
+    # loop iterations, so that admission control sees them (and can refuse them) at once.
+    accept_ahead_per_method: int = Field(16, ge=0, le=1024)
     unary_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     # Comma-separated CIDRs of proxies (Envoy) whose X-Forwarded-For is believed.
     trusted_proxies: str = ""

@@ -55,8 +55,9 @@ class Metrics:
         self.overload_refusals = Counter(
             "everything_overload_refusals_total",
             "New streams refused by admission control (SERVER_OVERLOADED), by cause: the process's "
-            "configured stream cap (streams), its adaptive stream limit (load) or a late event loop "
-            "(loop_lag)",
+            "configured stream cap (streams), its cap on streams not yet started (starting), its "
+            "adaptive stream limit (load), a late event loop (loop_lag) or a standing queue for "
+            "database connections (database)",
             ["cause"],
             registry=r,
         )

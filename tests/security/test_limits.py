@@ -16,6 +16,7 @@ from everything.auth.v1 import auth_service_pb2_grpc
 from everything_server import errors
 from everything_server.db import Database
 from everything_server.limits import Limits
+from everything_server.rpc.admission import StreamAdmission
 from everything_server.rpc.context import Principal
 from everything_server.rpc.interceptor import Caps, ServerInterceptor
 from tests.support import PASSWORD, expect_error, server_env, sign_up, start_server_process
@@ -290,6 +291,77 @@ async def test_a_full_process_refuses_before_the_token_check_and_the_rate_limit_
         await server.stop(0)
 
 
+async def _late_stream(request: bytes, context):
+    await asyncio.sleep(float(request.decode() or "0"))  # setup: database, upstream...
+    for _ in range(50):
+        yield b"tick"
+        await asyncio.sleep(0.1)
+
+
+async def test_past_the_starting_streams_cap_a_new_stream_is_refused_until_one_has_started():
+    caps = Caps(max_streams_per_user=10, max_streams_per_process=100)
+    admission = StreamAdmission(100, max_starting=1, target_load=0)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(_verify, caps=caps, admission=admission)])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Caps", {"Late": grpc.unary_stream_rpc_method_handler(_late_stream)}
+            )
+        ]
+    )
+    ch = await _serve(server)
+    try:
+        late = ch.unary_stream("/test.Caps/Late")
+        first = late(b"1.0", metadata=_md(1))  # a second before its first message
+        await asyncio.sleep(0.2)
+        start = time.perf_counter()
+        d = await expect_error(late(b"0", metadata=_md(2)).read(), EXHAUSTED, "SERVER_OVERLOADED")
+        assert time.perf_counter() - start < 0.9 and d.retry_after is not None
+        assert await first.read() == b"tick"
+        # Started, it no longer holds the starting slot.
+        second = late(b"0", metadata=_md(2))
+        assert await second.read() == b"tick"
+        assert admission.streams == 2 and admission.starting == 0
+        first.cancel()
+        second.cancel()
+        # A stream cancelled before its first message gives its starting slot back too.
+        third = late(b"5", metadata=_md(3))
+        await asyncio.sleep(0.2)
+        assert admission.starting == 1
+        third.cancel()
+        for _ in range(50):
+            if admission.streams == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert admission.streams == 0 and admission.starting == 0
+    finally:
+        await ch.close()
+        await server.stop(0)
+
+
+async def test_a_standing_queue_for_database_connections_refuses_new_streams_not_unary_calls():
+    wait = [0.0]
+    caps = Caps(max_streams_per_user=10, max_streams_per_process=100, max_db_wait_seconds=0.25)
+    server = _generic(ServerInterceptor(_verify, caps=caps, db_wait=lambda: wait[0]))
+    ch = await _serve(server)
+    try:
+        stream = ch.unary_stream("/test.Caps/Stream")
+        first = stream(b"", metadata=_md(1))
+        assert await first.read() == b"tick"
+        wait[0] = 0.4  # the oldest caller has waited 0.4 s for a connection
+        d = await expect_error(stream(b"", metadata=_md(2)).read(), EXHAUSTED, "SERVER_OVERLOADED")
+        assert d.retry_after is not None
+        assert await ch.unary_unary("/test.Caps/Sleep")(b"0", metadata=_md(3)) == b"done"
+        wait[0] = 0.1  # the queue is gone
+        again = stream(b"", metadata=_md(2))
+        assert await again.read() == b"tick"
+        first.cancel()
+        again.cancel()
+    finally:
+        await ch.close()
+        await server.stop(0)
+
+
 class _LoopHog:
     """Blocks the running event loop for `block` seconds every `every` seconds (a CPU-bound
     overload, as many busy streams would cause)."""
@@ -464,6 +536,29 @@ def test_the_adaptive_stream_limit_follows_the_loop_load():
             pass
         a.adjust(0.0)
     assert a.limit == 100 and a.take() == "streams"
+
+
+def test_streams_that_have_not_sent_their_first_message_are_limited():
+    from everything_server.rpc.admission import StreamAdmission
+
+    a = StreamAdmission(10, max_starting=2, target_load=0, clock=_Clock())
+    assert a.take() is None and a.take() is None
+    # Two streams are still starting (waiting for the database, say): a third is refused at once.
+    assert a.take() == "starting" and a.streams == 2 and a.starting == 2
+    a.started()  # the first sent its first message: room for one more starting stream
+    assert a.take() is None and a.take() == "starting"
+    a.release(started=False)  # one ended before its first message
+    assert a.starting == 1 and a.streams == 2
+    assert a.take() is None
+    a.started()
+    a.started()
+    # Started streams count only against the cap on open streams.
+    for _ in range(7):
+        assert a.take() is None
+        a.started()
+    assert a.streams == 10 and a.starting == 0 and a.take() == "streams"
+    a.release()
+    assert a.take() is None
 
 
 def test_without_a_target_the_limit_is_the_configured_cap():

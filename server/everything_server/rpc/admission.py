@@ -4,6 +4,12 @@ New server-streaming calls are refused with RESOURCE_EXHAUSTED (reason SERVER_OV
 RetryInfo) while
 
 - the process holds `max_streams_per_process` open streams (a memory bound, cause `streams`), or
+- `max_starting_streams` admitted streams have not sent their first message yet (cause `starting`):
+  their setup (the user's message saved, the model asked) is the costly part of a stream, and past
+  capacity it is what piles up, or
+- the oldest caller waiting for a pooled database connection has waited `max_db_wait_seconds`
+  (cause `database`, `db.PoolQueue`): with every connection busy that long, each new stream only
+  lengthens a queue that ends in the pool's timeout, or
 - the process holds as many streams as its adaptive limit (`StreamAdmission`, cause `load`), when
   one is configured (`admission_target_load` > 0; off by default, see below): lowered while the
   event loop's load (the share of wall time it is not waiting for I/O: running callbacks, or
@@ -13,15 +19,23 @@ RetryInfo) while
   `loop_lag`): `LoopLagMonitor` wakes every `interval` seconds and measures how much later than
   asked `asyncio.sleep` came back.
 
-The load is read from the loop's selector (`TimedSelector`, installed by `new_event_loop`, which the
-server's entry point runs on); on another loop it falls back to the loop thread's CPU share, which
-cannot see a process starved of CPU by others. A refusal asks the client to come back after a delay
-that grows with the rate of refusals (jittered), so clients honouring RetryInfo do not keep a full
-process busy refusing them.
+None of these can refuse a call that no code of ours has seen. Until 2026-12-04 that was where
+calls waited past capacity: grpc.aio took them from grpc core slowly (see `rpc/acceptors.py`, which
+fixes that, and the history below). Measured on 2026-12-04 (2 cores, a slow day: TTFT at 1 stream
+6-7 ms, against 2.3 ms on 2026-12-02; machine PostgreSQL), 1,000 streams at 50 tokens/s: with these
+defaults 0 errors, 1,719 refusals in 78 ms (p50; p99 0.28 s), admitted first tokens at p50 0.59 s,
+6.3k tokens/s. Without the database cause, 113 streams ended UNAVAILABLE after the pool's 10 s
+timeout (first tokens at p50 4.7 s). The burst of 1,000 cheap streams opened within 5 s is past
+capacity on such a day too (their setup, about 10 ms of CPU each, kept the loop's load at 0.99 for
+10 s and the database wait at 1.4 s on average): without the database cause 930 were served with
+first tokens at p99 6.2 s; with it 881 of 1,000 got their reply (the others still waiting out their
+RetryInfo when the benchmark's window closed), first tokens at p99 0.86 s. Raising the wait to 1 s
+changed little (574 against 650-816 refusals in that burst, when refused clients did not ask
+again); a pool of 40 instead of 20 connections refused about a quarter fewer there.
 
-Why past capacity new calls wait instead of being refused (measured on 2 cores, 1,000 offered
-streams at 50 tokens/s, one process): about 150-180 streams were open and the other calls waited in
-grpc core, where no code of ours sees them, refusals included. `CallBacklog` counts them (channelz's
+History. Why past capacity new calls waited instead of being refused (measured on 2 cores, 1,000
+offered streams at 50 tokens/s, one process, before `rpc/acceptors.py`): about 150-180 streams were
+open and the other calls waited in grpc core, where no code of ours sees them, refusals included. `CallBacklog` counts them (channelz's
 calls started minus the calls our interceptors saw): about 900 waited there through the run, and
 only about 50 a second were taken, the rate streams ended. grpc.aio takes one call of a method at a
 time from grpc core, each a few event loop iterations away from the last: a health check on the same
@@ -49,6 +63,8 @@ Tried on 2026-12-02 (2 cores, 1,000 streams at 50 tokens/s) and left out:
 - More calls of a method taken from grpc core at once (16 more `_request_registered_call`s of
   grpc.aio's server, a private API): under a saturated loop first answers came at p50 0.2 s instead
   of 4.2 s, then the server stalled for good in the same test (calls taken, handlers never run).
+  That stall was grpc.aio's poller thread blocked on its full wake-up socket (found on 2026-12-04):
+  with the wake-ups drained too, `rpc/acceptors.py` does this, by default.
 - Steering the limit by the loop's lag instead of its load: at 20 ms refusals came back after 1.9 s
   (p50), since calls wait in grpc core for seconds while the smoothed lag of a saturated loop stays
   under 40 ms (at 40 ms nothing was refused).
@@ -256,14 +272,17 @@ class StreamAdmission:
         self,
         ceiling: int,
         *,
+        max_starting: int | None = None,
         target_load: float = TARGET_LOAD,
         floor: int = MIN_STREAM_LIMIT,
         clock=time.monotonic,
         metrics=None,
     ):
-        if ceiling < 1 or not 0 <= target_load < 1:
-            raise ValueError("ceiling must be positive and target_load in [0, 1)")
+        if ceiling < 1 or not 0 <= target_load < 1 or (max_starting is not None and max_starting < 1):
+            raise ValueError("ceiling and max_starting must be positive and target_load in [0, 1)")
         self.ceiling = ceiling
+        self.max_starting = max_starting  # None: no limit on starting streams
+        self.starting = 0  # admitted streams that have not sent their first message yet
         self.floor = min(floor, ceiling)
         self.target_load = target_load
         self.limit = ceiling
@@ -278,16 +297,28 @@ class StreamAdmission:
             metrics.stream_limit.set(self.limit)
 
     def take(self) -> str | None:
-        """Admits a new stream (None) or names the cause of its refusal: `streams` (the ceiling) or
-        `load` (the adaptive limit)."""
+        """Admits a new stream (None) or names the cause of its refusal: `streams` (the ceiling),
+        `load` (the adaptive limit) or `starting` (`max_starting` streams have not sent their first
+        message yet). An admitted stream is starting until `started()` (or `release()`)."""
         if self.streams >= self.limit:
             self._refused += 1
             return "streams" if self.limit >= self.ceiling else "load"
+        if self.max_starting is not None and self.starting >= self.max_starting:
+            self._refused += 1
+            return "starting"
         self.streams += 1
+        self.starting += 1
         return None
 
-    def release(self) -> None:
+    def started(self) -> None:
+        """An admitted stream sent its first message."""
+        self.starting -= 1
+
+    def release(self, *, started: bool = True) -> None:
+        """An admitted stream ended; `started` says whether `started()` was called for it."""
         self.streams -= 1
+        if not started:
+            self.starting -= 1
 
     def refused_elsewhere(self) -> None:
         """A stream refused for another cause (the lag brake) counts in the refusal rate too."""

@@ -88,6 +88,9 @@ class Caps:
     max_streams_per_process: int = 2000
     # New streams are refused while the smoothed event-loop lag is above this; 0 turns it off.
     max_loop_lag_seconds: float = 0.1
+    # ... and while the oldest caller waiting for a database connection has waited this long; 0
+    # turns it off.
+    max_db_wait_seconds: float = 0.25
     unary_timeout_seconds: float = 30.0
 
 
@@ -103,10 +106,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         draining: Callable[[], bool] | None = None,
         tracing: Tracing | None = None,
         loop_lag: Callable[[], float] | None = None,
+        db_wait: Callable[[], float] | None = None,
         admission: StreamAdmission | None = None,
     ):
         self._tracing = tracing
         self._loop_lag = loop_lag  # seconds the event loop runs late (rpc.admission.LoopLagMonitor)
+        self._db_wait = db_wait  # seconds the oldest caller has waited for a connection (db.PoolQueue)
         self._ready = ready  # False while the database is unreachable or not migrated
         self._draining = draining  # True once the process is shutting down
         self._verify = verify_access_token
@@ -174,7 +179,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code, reason = grpc.StatusCode.OK, None
                 tokens = self._enter(rid)
                 span = self._span(method, md)
-                slot = False
+                slot = started = False
                 try:
                     span.__enter__()
                     self._check_ready()
@@ -188,13 +193,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await self._admit(method, request, auth_header, public)
                     with self._user_stream_slot():
                         async for item in stream_behavior(request, context):
+                            if not started:
+                                started = True
+                                self._admission.started()
                             yield item
                 except BaseException as exc:  # noqa: BLE001
                     code, reason = _code_for(exc), getattr(exc, "reason", None)
                     await self._handle(exc, context, rid, method)
                 finally:
                     if slot:
-                        self._release_stream_slot()
+                        self._release_stream_slot(started)
                     self._exit(tokens, method, code, start, rid, reason)
                     _end_span(span, code)
 
@@ -274,9 +282,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _take_stream_slot(self) -> None:
-        """Admission of a new stream: refused at once while the process is full or its event loop
-        is late; else one of the process's stream slots is taken (give it back with
-        `_release_stream_slot`)."""
+        """Admission of a new stream: refused at once while the process is full, its event loop is
+        late or its database connections have a standing queue; else one of the process's stream
+        slots is taken (give it back with `_release_stream_slot`)."""
         caps, admission = self._caps, self._admission
         if (
             self._loop_lag is not None
@@ -285,14 +293,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         ):
             admission.refused_elsewhere()
             self._overloaded("loop_lag")
+        if self._db_wait is not None and 0 < caps.max_db_wait_seconds < self._db_wait():
+            admission.refused_elsewhere()
+            self._overloaded("database")
         cause = admission.take()
         if cause is not None:
             self._overloaded(cause)
         if self._metrics is not None:
             self._metrics.active_streams.inc()
 
-    def _release_stream_slot(self) -> None:
-        self._admission.release()
+    def _release_stream_slot(self, started: bool) -> None:
+        self._admission.release(started=started)
         if self._metrics is not None:
             self._metrics.active_streams.dec()
 
