@@ -116,19 +116,22 @@ def test_bench_smoke_measures_direct_and_grpc_and_cleans_up(pg_admin_url: str, t
 
     # The concurrency scenario: 8 streams at once against a cap of 4 open streams. The 4 admitted
     # ones are open together and complete; the 4 others are refused (RESOURCE_EXHAUSTED, counted
-    # apart from errors, with how fast the refusal came back); nothing else fails.
+    # apart from errors, with how fast the refusal came back and the server's own count by cause)
+    # and ask again as their RetryInfo says while the window lasts; nothing else fails.
     (conc,) = results["concurrency"]
     assert conc["system"] == "grpc-1" and conc["concurrency"] == 8
     assert conc["errors"] == {}, conc["error_samples"]
-    assert conc["refused_resource_exhausted"] == 4, conc["error_samples"]
+    assert conc["refused_resource_exhausted"] >= 4, conc["error_samples"]
+    assert conc["refused_by_cause"] == {"streams": conc["refused_resource_exhausted"]}
     assert 0 < conc["refusal_ms"]["p50"] <= conc["refusal_ms"]["p99"] < 5000
-    assert conc["streams_admitted"] == conc["streams_completed"] == 4
+    assert 4 <= conc["streams_admitted"] == conc["streams_completed"] <= 8
     assert conc["peak_open_streams"] == 4
-    assert conc["tokens"] == 4 * 10
+    assert conc["tokens"] == 10 * conc["streams_completed"]
     assert conc["memory"]["server_peak_rss_mb"] >= conc["memory"]["server_rss_before_mb"] > 10
     assert conc["memory"]["server_kb_per_open_stream"] is not None
     md = (out / "results.md").read_text()
     assert "Concurrency: 8 streams" in md and "Overload and admission control" not in md
+    assert f"| streams:{conc['refused_resource_exhausted']} |" in md
 
     # Database writes per reply: short and long replies, at a rate and with no delay. Every reply
     # writes something and commits transactions; rows counted by table add up.

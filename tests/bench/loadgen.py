@@ -532,7 +532,8 @@ CLIENTS = {"openai": OpenAIClient, "grpc": GrpcClient, "grpcweb": GrpcWebClient,
 
 async def _run_slots(spec: dict[str, Any], rec: Recorder, ones: list) -> None:
     """Run every slot closed-loop in the window; at most `per_slot` calls per slot when given (a
-    refused call counts as one). After a refusal a slot waits `refusal_backoff` seconds."""
+    refused call does not count: the slot asks again while the window lasts). After a refusal a
+    slot waits as long as the refusal's RetryInfo asks, else `refusal_backoff` seconds."""
     per_slot = spec.get("per_slot")
     ramp = spec.get("ramp", 0.0)
     backoff = spec.get("refusal_backoff", 0.0)
@@ -545,7 +546,7 @@ async def _run_slots(spec: dict[str, Any], rec: Recorder, ones: list) -> None:
         done = 0
         while time.perf_counter() < rec.stop and (per_slot is None or done < per_slot):
             refused = await one()
-            done += 1
+            done += not refused
             # The server's RetryInfo when the client read it (a float), else the fixed back-off.
             wait = refused if type(refused) is float else backoff if refused else 0.0
             if wait > 0:

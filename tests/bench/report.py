@@ -282,6 +282,7 @@ OVERLOAD_HEAD = [
     "started",
     "admitted",
     "refused",
+    "by cause",
     "refusal p50 ms",
     "refusal p99 ms",
     "admitted TTFT p50 ms",
@@ -297,6 +298,13 @@ def is_overload_run(r: dict[str, Any]) -> bool:
     return bool(r.get("refused_resource_exhausted")) or r["concurrency"] >= 256
 
 
+def by_cause(r: dict[str, Any]) -> str:
+    """The servers' own count of refusals by admission control's cause ("-": not an everything
+    server, or none)."""
+    causes = r.get("refused_by_cause")
+    return ",".join(f"{k}:{v}" for k, v in causes.items()) if causes else "-"
+
+
 def overload_row(r: dict[str, Any]) -> list[str]:
     envoy = r.get("envoy")
     return [
@@ -307,6 +315,7 @@ def overload_row(r: dict[str, Any]) -> list[str]:
         str(r["streams_started"]),
         str(r.get("streams_admitted", "-")),
         str(r["refused_resource_exhausted"]),
+        by_cause(r),
         _f((r.get("refusal_ms") or {}).get("p50")),
         _f((r.get("refusal_ms") or {}).get("p99")),
         _f(r["ttft_ms"]["p50"]),
@@ -329,6 +338,7 @@ CONCURRENCY_HEAD = [
     "completed",
     "errors",
     "refused",
+    "by cause",
     "TTFT p50 ms",
     "TTFT p99 ms",
     "ITL p99 ms",
@@ -353,6 +363,7 @@ def concurrency_row(r: dict[str, Any]) -> list[str]:
         str(r["streams_completed"]),
         str(r.get("error_count", sum(r["errors"].values()))),
         str(r["refused_resource_exhausted"]),
+        by_cause(r),
         _f(r["ttft_ms"]["p50"]),
         _f(r["ttft_ms"]["p99"]),
         _f(r["inter_token_ms"]["p99"]),
@@ -568,7 +579,8 @@ def render(results: dict[str, Any], table=text_table) -> str:
         c0 = conc[0]
         out.append(
             f"{h}Concurrency: {c0['concurrency']} streams open at once at {_f(c0.get('rate'), 1)} tokens/s each "
-            f"({c0.get('reply_tokens')}-token replies, one per client, started over {_f(c0.get('ramp_s'), 1)} s); "
+            f"({c0.get('reply_tokens')}-token replies, one per client, started over {_f(c0.get('ramp_s'), 1)} s; "
+            "a refused client asks again as its RetryInfo says, for up to half a reply more); "
             "KB/open stream = (peak RSS - RSS before) / peak open streams"
         )
         out.append(table(CONCURRENCY_HEAD, [concurrency_row(r) for r in conc]))

@@ -31,6 +31,7 @@ default 50 tokens/s per stream, 1,000 streams offer 50,000 tokens/s, far past wh
   at a low rate (default 2 tokens/s, 40-token replies: 20 s each, one per client, all started within
   5 s), so they are all open together at a load the machine can carry: errors, peak open streams,
   peak RSS and KB per open stream, for grpc-1, grpc-1-admit and LiteLLM (`--concurrency-systems`).
+  A refused client asks again as its RetryInfo says, for up to half a reply after the ramp.
 
 Database writes per reply (`--writes-tokens`, `--writes-rates`): transactions (pg_stat_database)
 and rows written (pg_stat_user_tables) per reply, for short and long replies at the mock's rate and
@@ -219,6 +220,7 @@ class System:
     api_key: str = ""
     ports: list[int] = field(default_factory=list)
     admin_url: str = ""  # Envoy's admin (grpcweb): what it did with the upstreams
+    metrics_ports: list[int] = field(default_factory=list)  # everything-servers': refusals by cause
 
 
 class Bench:
@@ -345,11 +347,15 @@ class Bench:
         ps = [p for p, _ in started]
         self._track(*ps)
         ports = [port for _, port in started]
+        metrics = [port for port in map(systems.metrics_port, ps) if port]
         if name == "grpcweb":
             gw, url, admin = await systems.start_gateway(self.run_dir, ports)
             self._track(gw)
-            return System(name, "grpcweb", url, ports=ports, admin_url=admin), [*ps, gw]
-        return System(name, "grpc", systems.grpc_target(ports), ports=ports), ps
+            return System(name, "grpcweb", url, ports=ports, admin_url=admin, metrics_ports=metrics), [
+                *ps,
+                gw,
+            ]
+        return System(name, "grpc", systems.grpc_target(ports), ports=ports, metrics_ports=metrics), ps
 
     def _pids_of(self, system: System, ps: list[procs.Proc]) -> None:
         kids = procs.children_map()
@@ -464,6 +470,7 @@ class Bench:
             self.sampler.sample()
             self.sampler.begin()
             envoy0 = await self._envoy_stats(system)
+            refusals0 = await self._refusals(system)
             busy0 = procs.machine_busy_seconds()
             t_begin = time.time()
             start_at = t_begin + (1.0 if concurrency >= 256 else 0.3)
@@ -484,6 +491,7 @@ class Bench:
             busy1 = procs.machine_busy_seconds()
             self.sampler.sample()
             envoy1 = await self._envoy_stats(system)
+            refusals1 = await self._refusals(system)
         finally:
             for proc, conn in workers:
                 conn.close()
@@ -536,7 +544,20 @@ class Bench:
                 "upstream_rq_pending_overflow",
             )
             merged["envoy"] = {k: envoy1.get(k, 0) - envoy0.get(k, 0) for k in keys}
+        if refusals0 is not None and refusals1 is not None:
+            # Why the servers refused (admission control's causes), the window's increase.
+            merged["refused_by_cause"] = {
+                k: v - refusals0.get(k, 0) for k, v in sorted(refusals1.items()) if v > refusals0.get(k, 0)
+            }
         return merged, cpu, mem, t_end - t_begin
+
+    async def _refusals(self, system: System) -> dict[str, int] | None:
+        if not system.metrics_ports:
+            return None
+        try:
+            return await asyncio.to_thread(systems.refusals_by_cause, system.metrics_ports)
+        except OSError:
+            return None
 
     async def _envoy_stats(self, system: System) -> dict[str, int] | None:
         if not system.admin_url:
@@ -574,8 +595,9 @@ class Bench:
         fig["wall_s"] = round(wall, 2)
         rate = a.rate if rate is None else rate
         fig["offered_tokens_per_s"] = round(concurrency * rate, 1) if rate else None
-        if "envoy" in merged:
-            fig["envoy"] = merged["envoy"]
+        for key in ("envoy", "refused_by_cause"):
+            if key in merged:
+                fig[key] = merged[key]
         # Cores busy with other work during the run (other engineers' processes, this orchestrator):
         # the noise next to the figures; CPU per token holds, throughput and latency may not.
         fig["other_cores_busy"] = round((cpu["other"] or 0.0) / wall, 2) if wall > 0 else None
@@ -696,7 +718,9 @@ class Bench:
             n,
             prompt=f"{PROMPT} [mock:tokens={tokens} rate={rate:g}]",
             per_slot=1,
-            duration=ramp + 0.5,  # every slot starts its one stream within the ramp
+            # Every slot starts its one stream within the ramp; a refused one asks again, as its
+            # RetryInfo says, for up to half a reply more (all would still be open together).
+            duration=ramp + 0.5 + reply_s / 2,
             ramp=ramp,
         )
         fig = report.stream_figures(merged, concurrency=n, steady_s=0.0, cpu=cpu, mem=mem)
@@ -710,8 +734,9 @@ class Bench:
             other_cores_busy=round((cpu["other"] or 0.0) / wall, 2) if wall > 0 else None,
             loadgen_cores_busy=round((cpu["loadgen"] or 0.0) / wall, 2) if wall > 0 else None,
         )
-        if "envoy" in merged:
-            fig["envoy"] = merged["envoy"]
+        for key in ("envoy", "refused_by_cause"):
+            if key in merged:
+                fig[key] = merged[key]
         if system.kind != "openai":
             await self.quiesce()
         return fig

@@ -311,6 +311,33 @@ def _listening_port(p: procs.Proc) -> int | None:
     return int(json.loads(m.group(0))["port"]) if m else None
 
 
+_METRICS = re.compile(r'\{[^\n]*"message":\s*"metrics listening"[^\n]*\}')
+
+
+def metrics_port(p: procs.Proc) -> int | None:
+    """The Prometheus port of an everything-server (logged before it listens for calls)."""
+    m = _METRICS.search(p.logs(tail=200_000))
+    return int(json.loads(m.group(0))["port"]) if m else None
+
+
+def refusals_by_cause(ports: list[int]) -> dict[str, int]:
+    """everything_overload_refusals_total by cause, summed over the servers' metrics ports."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, int] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name != "everything_overload_refusals":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    cause = sample.labels["cause"]
+                    out[cause] = out.get(cause, 0) + int(sample.value)
+    return out
+
+
 async def start_servers(run_dir: Path, senv: ServerEnv, n: int, tag: str) -> list[tuple[procs.Proc, int]]:
     """n everything-server processes on their own ports (the server does not set SO_REUSEPORT)."""
     env = senv.env()
