@@ -257,6 +257,8 @@ class App:
             if (n := calls_seen()) != seen:
                 seen, quiet_since = n, loop.time()
         await self.server.stop(max(0.0, grace - (loop.time() - start)))
+        if self.acceptors is not None:
+            await self.acceptors.stop()
 
     async def wait(self) -> None:
         assert self.server is not None

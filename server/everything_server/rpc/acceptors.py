@@ -143,6 +143,16 @@ class Acceptors:
                 task.add_done_callback(self._tasks.discard)
         return True
 
+    async def stop(self, wait: float = 1.0) -> None:
+        """After the server's stop: its failed requests end the acceptors; those a loaded loop has
+        not run within `wait` seconds are cancelled, so that none outlives the server."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=wait)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     async def _accept(self, cygrpc, core, resolver, method: str, loop) -> None:
         method_bytes = method.encode()
         while core.is_running():
