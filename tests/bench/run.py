@@ -210,6 +210,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+async def _scrape(read, source):
+    """`read(source)` in a thread: counters of a system's processes; None when it has no such
+    source or the source does not answer."""
+    if not source:
+        return None
+    try:
+        return await asyncio.to_thread(read, source)
+    except OSError:
+        return None
+
+
 @dataclass
 class System:
     name: str
@@ -552,22 +563,12 @@ class Bench:
         return merged, cpu, mem, t_end - t_begin
 
     async def _refusals(self, system: System) -> dict[str, int] | None:
-        if not system.metrics_ports:
-            return None
-        try:
-            return await asyncio.to_thread(systems.refusals_by_cause, system.metrics_ports)
-        except OSError:
-            return None
+        return await _scrape(systems.refusals_by_cause, system.metrics_ports)
 
     async def _envoy_stats(self, system: System) -> dict[str, int] | None:
-        if not system.admin_url:
-            return None
         from everything_server import gateway
 
-        try:
-            return await asyncio.to_thread(gateway.cluster_stats, system.admin_url)
-        except OSError:
-            return None
+        return await _scrape(gateway.cluster_stats, system.admin_url)
 
     def ramp(self, duration: float, rate: float | None = None) -> float:
         """Slots start spread over about one reply's duration (at most a quarter of the window), so
