@@ -21,39 +21,41 @@ RetryInfo) while
 
 None of these can refuse a call that no code of ours has seen. Until 2026-12-04 that was where
 calls waited past capacity: grpc.aio took them from grpc core slowly (see `rpc/acceptors.py`, which
-fixes that, and the history below). Measured on 2026-12-04 (2 cores, a slow day: TTFT at 1 stream
-6-7 ms, against 2.3 ms on 2026-12-02; machine PostgreSQL), 1,000 streams at 50 tokens/s: with these
-defaults 0 errors, 1,719 refusals in 78 ms (p50; p99 0.28 s), admitted first tokens at p50 0.59 s,
-6.3k tokens/s. Without the database cause, 113 streams ended UNAVAILABLE after the pool's 10 s
-timeout (first tokens at p50 4.7 s). The burst of 1,000 cheap streams opened within 5 s is past
-capacity on such a day too (their setup, about 10 ms of CPU each, kept the loop's load at 0.99 for
-10 s and the database wait at 1.4 s on average): without the database cause 930 were served with
-first tokens at p99 6.2 s; with it 881 of 1,000 got their reply (the others still waiting out their
-RetryInfo when the benchmark's window closed), first tokens at p99 0.86 s. Raising the wait to 1 s
-changed little (574 against 650-816 refusals in that burst, when refused clients did not ask
-again); a pool of 40 instead of 20 connections refused about a quarter fewer there.
+fixes that, and the history below). Measured on 2026-12-04 (2 cores, a slow day: the mock alone
+gave first tokens at p50 9.3 s at 1,000 streams; machine PostgreSQL), 1,000 streams at 50 tokens/s
+with these defaults: 0 errors, 1,792 refusals in 47 ms (p50; p99 0.27 s), admitted first tokens at
+p50 0.38 s (p99 1.5 s), 6.6k tokens/s. Without the database cause 113 streams ended UNAVAILABLE
+after the pool's 10 s timeout (first tokens at p50 4.7 s). The burst of 1,000 cheap streams opened
+within 5 s was past capacity that day too (their setup, about 10 ms of CPU each, kept the loop's
+load at 0.99 for the whole ramp and the database wait at 1.4 s on average): without the database
+cause all but 70 were admitted and served, with first tokens at p99 6.2 s; with it 924 were open
+together (the others still waiting out their RetryInfo when the benchmark's window closed), first
+tokens at p99 0.83 s. A wait of 1 s instead of 250 ms changed little there (574 against 650-816
+refusals, refused clients not asking again); a pool of 40 connections instead of 20 refused about a
+quarter fewer.
 
 History. Why past capacity new calls waited instead of being refused (measured on 2 cores, 1,000
 offered streams at 50 tokens/s, one process, before `rpc/acceptors.py`): about 150-180 streams were
-open and the other calls waited in grpc core, where no code of ours sees them, refusals included. `CallBacklog` counts them (channelz's
-calls started minus the calls our interceptors saw): about 900 waited there through the run, and
-only about 50 a second were taken, the rate streams ended. grpc.aio takes one call of a method at a
-time from grpc core, each a few event loop iterations away from the last: a health check on the same
-process meanwhile answered in 20-190 ms. Three more grpc.aio servers on the same port in the process
-did not shorten the wait; holding fewer streams did. So the adaptive limit keeps the process below
-saturation: at a target load of 0.85, refusals came back in 16-128 ms (p50; p99 0.23-0.58 s) and
-admitted streams got their first token in 24-48 ms (p50) instead of 0.4-1.5 s (3.5 s in one run).
-The price, measured in the same runs: fewer tokens/s at that load (4.6-5.6k instead of 7.4-8.9k); a
-burst of cheap streams right after (1,000 at 2 tokens/s opened within 5 s) had 337-450 refused,
-because the load of their setup alone crosses the target although the process serves them all in
-time without the limit; and behind Envoy with two replicas on the same 2 cores, tokens/s fell to
-2.7k (from 15k) with refusals still at 0.46 s (p50). So it is off by default: a deployment that
-prefers refusals to slow first tokens turns it on. Steering the limit by the backlog's own wait
-instead (lower it while the oldest waiting call has waited more than 0.25, 0.5 or 1 s) was tried and
-left out: a refusal still comes only after that wait (p50 0.33 s at 0.25 s), and the burst above
-had 565-656 of its streams refused, because its calls do wait that long (first tokens at p99 1 s
-without any limit). A self-probe of SendMessage's own wait did no better. What would answer at once
-is grpc core refusing before the call is queued.
+open and the other calls waited in grpc core, where no code of ours sees them, refusals included.
+`CallBacklog` counts them (channelz's calls started minus the calls our interceptors saw): about 900
+waited there through the run, and only about 50 a second were taken, the rate streams ended.
+grpc.aio takes one call of a method at a time from grpc core, each a few event loop iterations away
+from the last: a health check on the same process meanwhile answered in 20-190 ms. Three more
+grpc.aio servers on the same port in the process did not shorten the wait; holding fewer streams
+did. So the adaptive limit keeps the process below saturation: at a target load of 0.85, refusals
+came back in 16-128 ms (p50; p99 0.23-0.58 s) and admitted streams got their first token in 24-48 ms
+(p50) instead of 0.4-1.5 s (3.5 s in one run). The price, measured in the same runs: fewer tokens/s
+at that load (4.6-5.6k instead of 7.4-8.9k); a burst of cheap streams right after (1,000 at 2
+tokens/s opened within 5 s) had 337-450 refused, because the load of their setup alone crosses the
+target although the process serves them all in time without the limit; and behind Envoy with two
+replicas on the same 2 cores, tokens/s fell to 2.7k (from 15k) with refusals still at 0.46 s (p50).
+So it is off by default: a deployment that prefers refusals to slow first tokens turns it on.
+Steering the limit by the backlog's own wait instead (lower it while the oldest waiting call has
+waited more than 0.25, 0.5 or 1 s) was tried and left out: a refusal still comes only after that
+wait (p50 0.33 s at 0.25 s), and the burst above had 565-656 of its streams refused, because its
+calls do wait that long (first tokens at p99 1 s without any limit). A self-probe of SendMessage's
+own wait did no better. What would answer at once is grpc core refusing before the call is queued,
+or (found on 2026-12-04) grpc.aio taking its calls at once: `rpc/acceptors.py`.
 
 Tried on 2026-12-02 (2 cores, 1,000 streams at 50 tokens/s) and left out:
 - grpc core does have such a limit (the private channel arguments `grpc.server.max_pending_requests`
