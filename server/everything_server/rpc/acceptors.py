@@ -124,6 +124,11 @@ class Acceptors:
         self._rpcs: set[asyncio.Task] = set()
         self.taken = 0  # calls these acceptors have taken
 
+    @property
+    def running(self) -> int:
+        """Acceptor tasks that have not ended."""
+        return len(self._tasks)
+
     def start(self) -> bool:
         """Start the acceptors, once the server has started. False if there is nothing to do or
         this grpc lacks what they use."""
