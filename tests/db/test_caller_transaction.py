@@ -191,3 +191,21 @@ async def test_the_pool_queue_knows_who_waits_for_a_connection_and_for_how_long(
 async def _briefly(unit) -> None:
     async with unit:
         pass
+
+
+async def test_while_callers_queue_for_a_connection_health_reads_the_last_revision(database_url):
+    """A loaded process's health check must not wait in the pool's queue (and time out into
+    NOT_SERVING): while others queue, every connection is in use, so the database is there."""
+    db = Database(database_url, pool_size=1, max_overflow=0, pool_timeout=5)
+    try:
+        revision = await db.current_revision()
+        assert revision is not None  # the test database is migrated
+        async with db.transaction():  # holds the only connection
+            waiter = asyncio.create_task(_briefly(db.transaction()))
+            await asyncio.sleep(0.1)
+            assert len(db.queue) == 1
+            assert await asyncio.wait_for(db.current_revision(), 1) == revision
+        await waiter
+        assert await db.current_revision() == revision  # read again once the queue is gone
+    finally:
+        await db.dispose()

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import NullPool, PoolProxiedConnection
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from everything_server import errors
@@ -49,6 +49,8 @@ _BEGIN = {None: "BEGIN", "read_committed": "BEGIN ISOLATION LEVEL READ COMMITTED
 def _session_ended() -> errors.Unauthenticated:
     return errors.Unauthenticated("the session has ended; sign in again", reason="SESSION_REVOKED")
 
+
+_UNREAD = object()
 
 # What `Database.patiently` tries again.
 _RETRIED = ("DATABASE_UNAVAILABLE", "DATABASE_BUSY")
@@ -264,6 +266,7 @@ class Database:
             "echo": echo,
         }
         self.queue = PoolQueue()  # callers waiting for a connection
+        self._revision: str | None | object = _UNREAD  # current_revision's last answer
         self.metrics = None  # a metrics.Metrics, set by the container
         self.tracer: trace.Tracer = trace.NoOpTracer()  # set by the container when tracing is on
         self._open(url)
@@ -278,13 +281,6 @@ class Database:
             pool_recycle=1800,
             echo=self._pool["echo"],
             connect_args={"server_settings": {"application_name": "everything-server"}},
-        )
-        # Health checks connect on their own: a pool kept busy by load must not read as a database
-        # that is away (health NOT_SERVING would refuse every call of a loaded process).
-        self._probe: AsyncEngine = create_async_engine(
-            self.url,
-            poolclass=NullPool,
-            connect_args={"server_settings": {"application_name": "everything-server-health"}},
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         pool = self.engine.sync_engine.pool
@@ -436,14 +432,23 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def current_revision(self) -> str | None:
-        async with self._probe.connect() as conn:
+        """The schema's migration revision (None: not migrated). While callers queue for a
+        connection, the one read last: every connection is in use, so the database is there, and
+        waiting in that queue would read a loaded process as a database that is away (health
+        NOT_SERVING would then refuse every call). Another connection just for health checks was
+        tried: where the database's connection slots run out (the embedded one in a long test run),
+        it read a database that is there as away."""
+        if len(self.queue) and self._revision is not _UNREAD:
+            return self._revision
+        async with self.engine.connect() as conn:
             exists = (
                 await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))
             ).scalar()
-            if not exists:
-                return None
-            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+            revision = None
+            if exists:
+                revision = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        self._revision = revision
+        return revision
 
     async def dispose(self) -> None:
         await self.engine.dispose()
-        await self._probe.dispose()
