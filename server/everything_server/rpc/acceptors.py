@@ -60,13 +60,14 @@ def drain_wakeups(loop: asyncio.AbstractEventLoop | None = None) -> int:
         if not isinstance(sock, socket.socket):
             continue
 
-        def drained(sock=sock, callback=callback, args=args) -> None:
+        # Read into one buffer of the reader's own: this runs at every wake-up of the loop by grpc.
+        def drained(sock=sock, callback=callback, args=args, buffer=bytearray(1 << 16)) -> None:
             try:
-                waiting = len(sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+                waiting = sock.recv_into(buffer, 0, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return  # nothing to read: grpc.aio's blocking recv(1) must not run
             if waiting > 1:
-                sock.recv(waiting - 1)
+                sock.recv_into(buffer, waiting - 1)
             callback(*args)  # reads the last byte, then runs every completion queued
 
         drained._drains = True  # type: ignore[attr-defined]
