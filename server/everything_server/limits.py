@@ -1,7 +1,7 @@
 """Limits that hold across replicas, counted atomically in PostgreSQL (migrations/0006_limits).
 
 - `hit`: fixed-window rate limits (per user and service, sign-ups per address).
-- `reserve` / `add` / `check`: daily quotas per user (chat tokens, searches, images), UTC days.
+- `reserve` / `check` / `add_sql`: daily quotas per user (chat tokens, searches, images), UTC days.
 - sign-in throttling per account and per client address with exponential back-off.
 
 Every refusal is `ResourceExhausted` with RetryInfo (when to retry) and QuotaFailure (which limit).
@@ -38,13 +38,18 @@ _RESERVE = text(
     RETURNING u.amount
     """
 )
-_ADD = text(
-    """
-    INSERT INTO usage_counters AS u (user_id, day, kind, amount)
-    VALUES (:uid, (now() AT TIME ZONE 'utc')::date, :kind, :amount)
-    ON CONFLICT (user_id, day, kind) DO UPDATE SET amount = u.amount + EXCLUDED.amount
-    """
-)
+
+
+def add_sql(user: str, kind: str, amount: str, source: str = "") -> str:
+    """SQL that adds `amount` to the user `user`'s quota `kind` used today (nothing for 0), for each
+    row of `source` (a FROM clause; none: once); the arguments are SQL expressions (placeholders,
+    or columns of `source`), so another statement can do it in the same round trip."""
+    return f"""
+        INSERT INTO usage_counters AS u (user_id, day, kind, amount)
+        SELECT {user}, (now() AT TIME ZONE 'utc')::date, {kind}, {amount} {source}
+         WHERE {amount} > 0
+        ON CONFLICT (user_id, day, kind) DO UPDATE SET amount = u.amount + EXCLUDED.amount
+    """  # noqa: S608
 
 
 def used_today_sql(user: str, kind: str) -> str:
@@ -161,11 +166,6 @@ class Limits:
         comes from `used_today`, or from `used_today_sql` in the caller's own statement."""
         if used >= limit:
             raise self._exceeded(user_id, kind, limit)
-
-    async def add(self, session: AsyncSession, user_id: uuid.UUID, kind: str, amount: int) -> None:
-        """Record a cost after the fact (for example the completion tokens of a reply)."""
-        if amount > 0:
-            await session.execute(_ADD, {"uid": user_id, "kind": kind, "amount": amount})
 
     # -- sign-in throttling -----------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ from everything_server.chat.events import (
     notifications,
 )
 from everything_server.chat.models import CANCELLED, COMPLETED, FAILED, GENERATING, Message
-from everything_server.db.database import Database
+from everything_server.db.database import Database, detached
 from everything_server.db.pubsub import MAX_PAYLOAD
 from everything_server.limits import Limits
 from everything_server.pacing import Pacer
@@ -113,7 +113,7 @@ def snapshot(row: Message, **changes: Any) -> Message:
     """A detached copy of a message row with some fields changed (for events, never saved)."""
     values = {c.key: getattr(row, c.key) for c in Message.__table__.columns}
     values.update(changes)
-    return Message(**values)
+    return detached(Message, values)
 
 
 def started_view(row: Message) -> Message:
@@ -494,9 +494,9 @@ class Generator:
             title = clean_title(raw)
             if not title:
                 return
-            async with self._db.transaction(gen.user_id) as s:
+            async with self._db.driver_transaction(gen.user_id) as conn:
                 saved = await repo.set_generated_title(
-                    s, user_id=gen.user_id, thread_id=gen.thread_id, title=title
+                    conn, user_id=gen.user_id, thread_id=gen.thread_id, title=title
                 )
         except Exception as exc:  # a title is a nicety: the reply is complete without one
             log.info("no auto title", extra={"thread_id": str(gen.thread_id), "error": type(exc).__name__})
@@ -539,10 +539,14 @@ class Generator:
         gen.append(done)
 
     async def _save_final(self, gen: Generation, done: Event) -> Message | None:
+        """One statement (`repo.finish`): the row, the unstored events and their NOTIFY, the
+        thread's updated_at and the quota (when limits apply) of what the reply cost."""
         usage = gen.usage or Usage(0, 0, True)
-        async with self._db.transaction(gen.user_id) as s:
-            row = await repo.finish(
-                s,
+        events = [*gen.events[gen.stored :], done]
+        cost = usage.prompt_tokens + usage.completion_tokens if self._limits is not None else 0
+        async with self._db.driver_transaction(gen.user_id) as conn:
+            return await repo.finish(
+                conn,
                 message_id=gen.message_id,
                 content=gen.content,
                 seq=done.seq,
@@ -551,16 +555,13 @@ class Generator:
                 completion_tokens=usage.completion_tokens,
                 usage_estimated=usage.estimated,
                 error_reason=done.error_reason,
+                events_first=events[0].seq,
+                events_data=encode_batch(events),
+                channel=channel(gen.message_id),
+                payloads=notifications(events),
+                quota_kind=QUOTA_KIND,
+                quota_amount=cost,
             )
-            if row is None:
-                return None
-            await self.store(s, gen.user_id, gen.message_id, [*gen.events[gen.stored :], done])
-            await repo.touch_thread(s, user_id=gen.user_id, thread_id=gen.thread_id)
-            if self._limits is not None:  # the daily token quota counts what the reply cost
-                await self._limits.add(
-                    s, gen.user_id, QUOTA_KIND, usage.prompt_tokens + usage.completion_tokens
-                )
-        return row
 
     async def _finish_lost(self, gen: Generation) -> None:
         """The row was finished by someone else (lease expired) or deleted: tell local followers."""

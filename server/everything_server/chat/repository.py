@@ -24,7 +24,7 @@ from everything_server.chat.models import (
     Thread,
 )
 from everything_server.db.database import columns, driver_of, from_row
-from everything_server.limits import used_today_sql
+from everything_server.limits import add_sql, used_today_sql
 from everything_server.preferences.effective import data_sql as preferences_sql
 from everything_server.rpc.paging import Cursor
 
@@ -49,10 +49,6 @@ _LATEST_REPLY = f"""
     SELECT {_MESSAGE_COLUMNS} FROM messages
      WHERE parent_message_id = $1 AND user_id = $2 ORDER BY position DESC LIMIT 1
 """  # noqa: S608
-
-_TOUCH_THREAD = (
-    f"UPDATE threads SET updated_at = now() WHERE id = $1 AND user_id = $2 RETURNING {_THREAD_COLUMNS}"  # noqa: S608
-)
 
 # A new reply: the assistant message GENERATING at seq 1 after its parent `p` (a CTE giving the user
 # message's id and turn), its first stored events ($6), and with $7 the thread's updated_at. $1 reply
@@ -98,12 +94,30 @@ _SEND = f"""
     SELECT r.*, {_USER_AS}, {_THREAD_AS} FROM r CROSS JOIN p LEFT JOIN t ON true
 """  # noqa: S608
 
+# A reply's last save, in one statement: the message finished ($1 id, $2 content, $3 its last seq,
+# $4 status, $5-$7 usage, $8 error reason) if it is still GENERATING, its unstored events ($9 the
+# first seq, $10 them encoded) with their NOTIFY payloads ($11 channel, $12 payloads, in order,
+# delivered at commit), the thread's updated_at, and the cost added to today's quota ($13 kind, $14
+# tokens; 0: none). No row, and nothing written or announced, when the message was no longer
+# GENERATING (its lease ran out, its thread was deleted, or a retry finds it saved).
 _FINISH = f"""
-    UPDATE messages
-       SET content = $2, seq = $3, status = $4, prompt_tokens = $5, completion_tokens = $6,
-           usage_estimated = $7, error_reason = $8, lease_expires_at = NULL, updated_at = now()
-     WHERE id = $1 AND status = '{GENERATING}'
-    RETURNING {_MESSAGE_COLUMNS}
+    WITH f AS (
+      UPDATE messages
+         SET content = $2, seq = $3, status = $4, prompt_tokens = $5, completion_tokens = $6,
+             usage_estimated = $7, error_reason = $8, lease_expires_at = NULL, updated_at = now()
+       WHERE id = $1 AND status = '{GENERATING}'
+      RETURNING {_MESSAGE_COLUMNS}
+    ), e AS (
+      INSERT INTO message_events (message_id, seq_first, seq_last, user_id, data)
+      SELECT f.id, $9, $3, f.user_id, $10 FROM f
+    ), t AS (
+      UPDATE threads SET updated_at = now() FROM f WHERE threads.id = f.thread_id AND threads.user_id = f.user_id
+    ), q AS ({add_sql("f.user_id", "$13::text", "$14::bigint", "FROM f")}
+    ), n AS (
+      SELECT count(pg_notify($11, p.payload)) AS notified
+        FROM (SELECT payload FROM unnest($12::text[]) WITH ORDINALITY AS u(payload, i) ORDER BY i) AS p
+    )
+    SELECT f.*, (SELECT notified FROM n) AS notified FROM f
 """  # noqa: S608
 
 
@@ -176,25 +190,18 @@ async def set_title(
     return (await db.execute(stmt)).scalar_one_or_none()
 
 
+_SET_GENERATED_TITLE = """
+    UPDATE threads SET title = $3, title_generated = true, updated_at = now()
+     WHERE id = $1 AND user_id = $2 AND title = ''
+"""
+
+
 async def set_generated_title(
-    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
 ) -> bool:
     """Only while the thread has no title, so a title the user set meanwhile wins."""
-    stmt = (
-        update(Thread)
-        .where(Thread.id == thread_id, Thread.user_id == user_id, Thread.title == "")
-        .values(title=title, title_generated=True, updated_at=func.now())
-    )
-    return (await db.execute(stmt)).rowcount > 0
-
-
-async def touch_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> Thread | None:
-    row = await (await driver_of(db)).fetchrow(
-        _TOUCH_THREAD,
-        thread_id,
-        user_id,
-    )
-    return _thread(row)
+    status = await (await driver_of(db)).execute(_SET_GENERATED_TITLE, thread_id, user_id, title)
+    return status != "UPDATE 0"
 
 
 async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> bool:
@@ -431,7 +438,7 @@ async def set_feedback(
 
 
 async def finish(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     *,
     message_id: uuid.UUID,
     content: str,
@@ -441,7 +448,14 @@ async def finish(
     completion_tokens: int,
     usage_estimated: bool,
     error_reason: str,
+    events_first: int,
+    events_data: str,
+    channel: str,
+    payloads: list[str],
+    quota_kind: str,
+    quota_amount: int,
 ) -> Message | None:
+    """The reply's last save (`_FINISH`): its final row, or None when it was no longer GENERATING."""
     row = await (await driver_of(db)).fetchrow(
         _FINISH,
         message_id,
@@ -452,6 +466,12 @@ async def finish(
         completion_tokens,
         usage_estimated,
         error_reason,
+        events_first,
+        events_data,
+        channel,
+        payloads,
+        quota_kind,
+        quota_amount,
     )
     return _message(row)
 

@@ -145,7 +145,7 @@ class ChatService:
     # -- threads -----------------------------------------------------------------------------------
 
     async def create_thread(self, p: Principal, *, title: str) -> Thread:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             return await repo.insert_thread(s, user_id=p.user_id, title=title)
 
     async def list_threads(
