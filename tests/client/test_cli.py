@@ -204,11 +204,19 @@ async def test_chat_in_an_unknown_thread_exits_4(cli):
     assert "NOT_FOUND" in r.err
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A suite started in the background by a shell without job control (`make test &`) inherits
+    SIGINT ignored, and so would the CLI (Python keeps an ignored SIGINT ignored): Ctrl-C as a
+    user at a terminal sends it is the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_ctrl_c_during_a_reply_cancels_the_generation_and_exits_130(cli):
     await cli.signup()
     proc = await asyncio.create_subprocess_exec(
         EVERYTHING, "--server", cli.server, "chat", "Tell me a long story [mock:tokens=400 rate=20]",
         env=cli.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     try:
         first = await asyncio.wait_for(proc.stdout.read(1), TIMEOUT)  # the reply has started
