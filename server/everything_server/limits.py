@@ -16,11 +16,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server import errors
 from everything_server.db import Database
+from everything_server.db.database import driver_of
 
 # Run on the driver connection (asyncpg placeholders): one statement per call of every user.
 _HIT = """
@@ -62,7 +64,7 @@ def used_today_sql(user: str, kind: str) -> str:
 
 
 DAY_SECONDS = 86_400
-_USED = text(f"SELECT coalesce(({used_today_sql(':uid', ':kind')}), 0)")
+_USED = f"SELECT coalesce(({used_today_sql('$1', '$2')}), 0)"
 _BLOCKED = text(
     "SELECT extract(epoch FROM max(blocked_until) - now())::float8 FROM auth_throttle "
     "WHERE key = ANY(:keys) AND blocked_until > now()"
@@ -158,8 +160,8 @@ class Limits:
         if row is None:
             raise self._exceeded(user_id, kind, limit)
 
-    async def used_today(self, session: AsyncSession, user_id: uuid.UUID, kind: str) -> int:
-        return (await session.execute(_USED, {"uid": user_id, "kind": kind})).scalar_one()
+    async def used_today(self, db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, kind: str) -> int:
+        return await (await driver_of(db)).fetchval(_USED, user_id, kind)
 
     def check(self, user_id: uuid.UUID, kind: str, limit: int, *, used: int) -> None:
         """Refuse when today's quota is already used up (for costs known only afterwards); `used`

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server import errors
 from everything_server.ai.provider import ChatMessage, ChatProvider
@@ -365,7 +365,9 @@ class Generator:
 
     # -- storing events ----------------------------------------------------------------------------
 
-    async def store(self, s: AsyncSession, user_id: uuid.UUID, message_id: uuid.UUID, events: list[Event]):
+    async def store(
+        self, s: asyncpg.Connection, user_id: uuid.UUID, message_id: uuid.UUID, events: list[Event]
+    ):
         """One `message_events` row for consecutive events, and their NOTIFY (sent at commit): one
         statement."""
         await repo.insert_events(
@@ -381,7 +383,7 @@ class Generator:
 
     async def fail_expired(
         self,
-        s: AsyncSession,
+        s: asyncpg.Connection,
         user_id: uuid.UUID,
         *,
         thread_id: uuid.UUID | None = None,
@@ -567,7 +569,7 @@ class Generator:
         """The row was finished by someone else (lease expired) or deleted: tell local followers."""
         row = None
         with contextlib.suppress(Exception):
-            async with self._db.transaction(gen.user_id) as s:
+            async with self._db.driver_transaction(gen.user_id) as s:
                 row = await repo.get_message(s, gen.user_id, gen.message_id)
         if row is not None and row.status != GENERATING:
             gen.final = row

@@ -1,5 +1,6 @@
-"""All SQL of the chat domain. Functions take the session of the caller's transaction and always
-filter by the owner, so another user's ids find nothing."""
+"""All SQL of the chat domain. Functions take the caller's transaction (a `driver_transaction`'s
+connection, or a session: `driver_of`) and always filter by the owner, so another user's ids find
+nothing."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
-from sqlalchemy import delete, exists, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from everything_server.chat.models import (
     CANCELLED,
@@ -20,7 +19,6 @@ from everything_server.chat.models import (
     ROLE_ASSISTANT,
     ROLE_USER,
     Message,
-    MessageEvents,
     Thread,
 )
 from everything_server.db.database import columns, driver_of, from_row
@@ -28,10 +26,9 @@ from everything_server.limits import add_sql, used_today_sql
 from everything_server.preferences.effective import data_sql as preferences_sql
 from everything_server.rpc.paging import Cursor
 
-# The statements on the path of every reply (creating it, saving it) run on the transaction's own
-# asyncpg connection: prepared once per connection, none of the ORM's per-statement work (measured:
-# ~65 µs of CPU per statement instead of ~420 through the ORM). Their rows become detached model
-# objects, as the ORM's would be after commit.
+# Every statement runs on the transaction's own asyncpg connection: prepared once per connection,
+# none of the ORM's per-statement work (measured: ~65 µs of CPU per statement instead of ~420
+# through the ORM). Their rows become detached model objects, as the ORM's would be after commit.
 
 _MESSAGE_COLUMNS = columns(Message)
 _THREAD_COLUMNS = columns(Thread)
@@ -177,17 +174,18 @@ async def list_threads(
     return [from_row(Thread, row) for row in rows]
 
 
+_SET_TITLE = f"""
+    UPDATE threads SET title = $3, title_generated = false, updated_at = now()
+     WHERE id = $1 AND user_id = $2
+    RETURNING {_THREAD_COLUMNS}
+"""  # noqa: S608
+
+
 async def set_title(
-    db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, thread_id: uuid.UUID, title: str
 ) -> Thread | None:
     """A title the user chose (it is never replaced by a generated one)."""
-    stmt = (
-        update(Thread)
-        .where(Thread.id == thread_id, Thread.user_id == user_id)
-        .values(title=title, title_generated=False, updated_at=func.now())
-        .returning(Thread)
-    )
-    return (await db.execute(stmt)).scalar_one_or_none()
+    return _thread(await (await driver_of(db)).fetchrow(_SET_TITLE, thread_id, user_id, title))
 
 
 _SET_GENERATED_TITLE = """
@@ -204,9 +202,13 @@ async def set_generated_title(
     return status != "UPDATE 0"
 
 
-async def delete_thread(db: AsyncSession, *, user_id: uuid.UUID, thread_id: uuid.UUID) -> bool:
-    result = await db.execute(delete(Thread).where(Thread.id == thread_id, Thread.user_id == user_id))
-    return result.rowcount > 0
+async def delete_thread(
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, thread_id: uuid.UUID
+) -> bool:
+    status = await (await driver_of(db)).execute(
+        "DELETE FROM threads WHERE id = $1 AND user_id = $2", thread_id, user_id
+    )
+    return status != "DELETE 0"
 
 
 # -- messages ------------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ async def send(
 
 
 async def start_reply(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     *,
     reply_id: uuid.UUID,
     parent: Message,
@@ -276,13 +278,14 @@ async def start_reply(
     return reply, _thread(row, prefix="touched_")
 
 
+_GET_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND user_id = $2"  # noqa: S608
+
+
 async def get_message(
-    db: AsyncSession, user_id: uuid.UUID, message_id: uuid.UUID, *, lock: bool = False
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, message_id: uuid.UUID, *, lock: bool = False
 ) -> Message | None:
-    stmt = select(Message).where(Message.id == message_id, Message.user_id == user_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    return (await db.execute(stmt)).scalar_one_or_none()
+    query = _GET_MESSAGE + " FOR UPDATE" if lock else _GET_MESSAGE
+    return _message(await (await driver_of(db)).fetchrow(query, message_id, user_id))
 
 
 async def user_message_by_client_id(
@@ -297,38 +300,47 @@ async def latest_reply(
     return _message(await (await driver_of(db)).fetchrow(_LATEST_REPLY, parent_id, user_id))
 
 
-async def has_generating_reply(db: AsyncSession, user_id: uuid.UUID, parent_id: uuid.UUID) -> bool:
-    stmt = select(
-        exists().where(
-            Message.parent_message_id == parent_id,
-            Message.user_id == user_id,
-            Message.status == GENERATING,
-        )
-    )
-    return bool((await db.execute(stmt)).scalar())
+_HAS_GENERATING_REPLY = f"""
+    SELECT EXISTS (SELECT 1 FROM messages
+                    WHERE parent_message_id = $1 AND user_id = $2 AND status = '{GENERATING}')
+"""  # noqa: S608
 
 
-async def is_first_turn(db: AsyncSession, thread_id: uuid.UUID, turn: int) -> bool:
-    stmt = select(
-        exists().where(Message.thread_id == thread_id, Message.role == ROLE_USER, Message.turn < turn)
-    )
-    return not (await db.execute(stmt)).scalar()
+async def has_generating_reply(
+    db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, parent_id: uuid.UUID
+) -> bool:
+    return await (await driver_of(db)).fetchval(_HAS_GENERATING_REPLY, parent_id, user_id)
 
 
-# Built once: aliasing a mapped class costs about a millisecond, on the path of every reply.
-_NEWER = aliased(Message, name="newer")
+_IS_FIRST_TURN = f"""
+    SELECT NOT EXISTS (SELECT 1 FROM messages WHERE thread_id = $1 AND role = '{ROLE_USER}' AND turn < $2)
+"""  # noqa: S608
 
 
-def _active_branch(m):
-    """Users' messages, and for each of them only its newest reply."""
-    return or_(
-        m.role == ROLE_USER,
-        ~exists().where(_NEWER.parent_message_id == m.parent_message_id, _NEWER.position > m.position),
-    )
+async def is_first_turn(db: AsyncSession | asyncpg.Connection, thread_id: uuid.UUID, turn: int) -> bool:
+    return await (await driver_of(db)).fetchval(_IS_FIRST_TURN, thread_id, turn)
+
+
+def _active_branch(m: str) -> str:
+    """SQL: message `m` (a table alias) is on the active branch: a user's message, or the newest
+    reply to one."""
+    return f"""({m}.role = '{ROLE_USER}' OR NOT EXISTS (
+                 SELECT 1 FROM messages newer
+                  WHERE newer.parent_message_id = {m}.parent_message_id AND newer.position > {m}.position))"""  # noqa: S608
+
+
+# A page of a thread's messages in (turn, position) order, after ($5, $6) when $5 is not NULL; with
+# $3 every branch, else the active one.
+_LIST_MESSAGES = f"""
+    SELECT {columns(Message, "m.")} FROM messages m
+     WHERE m.thread_id = $1 AND m.user_id = $2 AND ($3 OR {_active_branch("m")})
+       AND ($5::bigint IS NULL OR (m.turn, m.position) > ($5, $6::bigint))
+     ORDER BY m.turn, m.position LIMIT $4
+"""  # noqa: S608
 
 
 async def list_messages(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     *,
     user_id: uuid.UUID,
     thread_id: uuid.UUID,
@@ -336,13 +348,11 @@ async def list_messages(
     after: tuple[int, int] | None,
     all_branches: bool,
 ) -> list[Message]:
-    stmt = select(Message).where(Message.thread_id == thread_id, Message.user_id == user_id)
-    if not all_branches:
-        stmt = stmt.where(_active_branch(Message))
-    if after is not None:
-        stmt = stmt.where(tuple_(Message.turn, Message.position) > tuple_(*after))
-    stmt = stmt.order_by(Message.turn, Message.position).limit(limit)
-    return list((await db.execute(stmt)).scalars())
+    turn, position = after if after is not None else (None, None)
+    rows = await (await driver_of(db)).fetch(
+        _LIST_MESSAGES, thread_id, user_id, all_branches, limit, turn, position
+    )
+    return [from_row(Message, row) for row in rows]
 
 
 def _history_sql(thread: str, user: str, before_turn: str, limit: str) -> str:
@@ -353,10 +363,7 @@ def _history_sql(thread: str, user: str, before_turn: str, limit: str) -> str:
         SELECT m.role, m.content, m.turn, m.position FROM messages m
          WHERE m.thread_id = {thread} AND m.user_id = {user}
            AND m.status IN ('{COMPLETED}', '{CANCELLED}') AND m.content <> ''
-           AND ({before_turn} IS NULL OR m.turn < {before_turn})
-           AND (m.role = '{ROLE_USER}' OR NOT EXISTS (
-                 SELECT 1 FROM messages n
-                  WHERE n.parent_message_id = m.parent_message_id AND n.position > m.position))
+           AND ({before_turn} IS NULL OR m.turn < {before_turn}) AND {_active_branch("m")}
          ORDER BY m.turn DESC, m.position DESC
          LIMIT {limit}
     """  # noqa: S608
@@ -417,21 +424,25 @@ async def history(
     return [(r["role"], r["content"]) for r in rows]
 
 
+_SET_FEEDBACK = f"""
+    UPDATE messages
+       SET feedback_rating = $3::smallint, feedback_comment = $4,
+           feedback_at = CASE WHEN $3::smallint <> 0 THEN now() END, updated_at = now()
+     WHERE id = $1 AND user_id = $2 AND role = '{ROLE_ASSISTANT}'
+    RETURNING {_MESSAGE_COLUMNS}
+"""  # noqa: S608
+
+
 async def set_feedback(
-    db: AsyncSession, *, user_id: uuid.UUID, message_id: uuid.UUID, rating: int, comment: str
+    db: AsyncSession | asyncpg.Connection,
+    *,
+    user_id: uuid.UUID,
+    message_id: uuid.UUID,
+    rating: int,
+    comment: str,
 ) -> Message | None:
-    stmt = (
-        update(Message)
-        .where(Message.id == message_id, Message.user_id == user_id, Message.role == ROLE_ASSISTANT)
-        .values(
-            feedback_rating=rating,
-            feedback_comment=comment,
-            feedback_at=func.now() if rating else None,
-            updated_at=func.now(),
-        )
-        .returning(Message)
-    )
-    return (await db.execute(stmt)).scalar_one_or_none()
+    row = await (await driver_of(db)).fetchrow(_SET_FEEDBACK, message_id, user_id, rating, comment)
+    return _message(row)
 
 
 # -- generations -----------------------------------------------------------------------------------
@@ -476,36 +487,35 @@ async def finish(
     return _message(row)
 
 
+# Generations whose lease ran out, of user $1, in thread $3 or the message $3 (`_FAIL_EXPIRED`'s
+# key says which), marked FAILED ($2 the reason): seq grows by two for an (estimated) usage event and
+# the done event, which the caller stores.
+_FAIL_EXPIRED_SQL = f"""
+    UPDATE messages
+       SET status = '{FAILED}', seq = seq + 2, error_reason = $2, usage_estimated = true,
+           prompt_tokens = 0, completion_tokens = (length(content) + 3) / 4,
+           lease_expires_at = NULL, updated_at = now()
+     WHERE user_id = $1 AND status = '{GENERATING}' AND lease_expires_at < now() AND {{}} = $3
+    RETURNING {_MESSAGE_COLUMNS}
+"""  # noqa: S608
+_FAIL_EXPIRED = {"thread": _FAIL_EXPIRED_SQL.format("thread_id"), "message": _FAIL_EXPIRED_SQL.format("id")}
+
+
 async def fail_expired(
-    db: AsyncSession,
+    db: AsyncSession | asyncpg.Connection,
     *,
     user_id: uuid.UUID,
     thread_id: uuid.UUID | None = None,
     message_id: uuid.UUID | None = None,
     reason: str,
 ) -> list[Message]:
-    """Mark FAILED the generations whose lease ran out (their replica is gone). The caller stores
-    their `done` event at the new seq (one past the last stored event)."""
-    stmt = update(Message).where(
-        Message.user_id == user_id,
-        Message.status == GENERATING,
-        Message.lease_expires_at < func.now(),
-    )
-    if thread_id is not None:
-        stmt = stmt.where(Message.thread_id == thread_id)
-    if message_id is not None:
-        stmt = stmt.where(Message.id == message_id)
-    stmt = stmt.values(
-        status=FAILED,
-        seq=Message.seq + 2,  # an (estimated) usage event and the done event, stored by the caller
-        error_reason=reason,
-        usage_estimated=True,
-        prompt_tokens=0,
-        completion_tokens=(func.length(Message.content) + 3) // 4,
-        lease_expires_at=None,
-        updated_at=func.now(),
-    ).returning(Message)
-    return list((await db.execute(stmt)).scalars())
+    """Mark FAILED the generations of a thread, or one message, whose lease ran out (their replica
+    is gone). The caller stores their `done` event at the new seq (one past the last stored event)."""
+    if (thread_id is None) == (message_id is None):
+        raise ValueError("fail_expired takes a thread_id or a message_id")
+    key, value = ("thread", thread_id) if thread_id is not None else ("message", message_id)
+    rows = await (await driver_of(db)).fetch(_FAIL_EXPIRED[key], user_id, reason, value)
+    return [from_row(Message, row) for row in rows]
 
 
 async def insert_events(
@@ -542,42 +552,50 @@ async def insert_events(
 
 
 async def events_after(
-    db: AsyncSession, *, user_id: uuid.UUID, message_id: uuid.UUID, after_seq: int
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, message_id: uuid.UUID, after_seq: int
 ) -> list[str]:
     """The stored batches holding events after `after_seq`, in order."""
-    stmt = (
-        select(MessageEvents.data)
-        .where(
-            MessageEvents.message_id == message_id,
-            MessageEvents.user_id == user_id,
-            MessageEvents.seq_last > after_seq,
-        )
-        .order_by(MessageEvents.seq_first)
+    rows = await (await driver_of(db)).fetch(
+        "SELECT data FROM message_events WHERE message_id = $1 AND user_id = $2 AND seq_last > $3"
+        " ORDER BY seq_first",
+        message_id,
+        user_id,
+        after_seq,
     )
-    return list((await db.execute(stmt)).scalars())
+    return [row["data"] for row in rows]
 
 
 # -- export ---------------------------------------------------------------------------------------
 
+_EXPORT_THREADS = f"""
+    SELECT {_THREAD_COLUMNS} FROM threads
+     WHERE user_id = $1 AND ($3::timestamptz IS NULL OR (created_at, id) > ($3, $4::uuid))
+     ORDER BY created_at, id LIMIT $2
+"""  # noqa: S608
+
 
 async def threads_for_export(
-    db: AsyncSession, *, user_id: uuid.UUID, limit: int, after: tuple[datetime, uuid.UUID] | None
+    db: AsyncSession | asyncpg.Connection,
+    *,
+    user_id: uuid.UUID,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
 ) -> list[Thread]:
-    stmt = select(Thread).where(Thread.user_id == user_id)
-    if after is not None:
-        stmt = stmt.where(tuple_(Thread.created_at, Thread.id) > tuple_(*after))
-    stmt = stmt.order_by(Thread.created_at, Thread.id).limit(limit)
-    return list((await db.execute(stmt)).scalars())
+    at, last = after if after is not None else (None, None)
+    rows = await (await driver_of(db)).fetch(_EXPORT_THREADS, user_id, limit, at, last)
+    return [from_row(Thread, row) for row in rows]
+
+
+_MESSAGES_OF_THREADS = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages WHERE user_id = $1 AND thread_id = ANY($2::uuid[])
+     ORDER BY thread_id, turn, position
+"""  # noqa: S608
 
 
 async def messages_of_threads(
-    db: AsyncSession, *, user_id: uuid.UUID, thread_ids: list[uuid.UUID]
+    db: AsyncSession | asyncpg.Connection, *, user_id: uuid.UUID, thread_ids: list[uuid.UUID]
 ) -> list[Message]:
     if not thread_ids:
         return []
-    stmt = (
-        select(Message)
-        .where(Message.user_id == user_id, Message.thread_id.in_(thread_ids))
-        .order_by(Message.thread_id, Message.turn, Message.position)
-    )
-    return list((await db.execute(stmt)).scalars())
+    rows = await (await driver_of(db)).fetch(_MESSAGES_OF_THREADS, user_id, thread_ids)
+    return [from_row(Message, row) for row in rows]

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 
 import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server import errors
 from everything_server.ai.provider import ChatMessage, ChatProvider
@@ -157,14 +156,14 @@ class ChatService:
         return paging.page(rows, page_size, lambda t: (t.updated_at, t.id))
 
     async def get_thread(self, p: Principal, thread_id: uuid.UUID) -> Thread:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             thread = await repo.get_thread(s, p.user_id, thread_id)
         if thread is None:
             raise errors.NotFound("thread", str(thread_id))
         return thread
 
     async def rename_thread(self, p: Principal, thread_id: uuid.UUID, *, title: str) -> Thread:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             thread = await repo.set_title(s, user_id=p.user_id, thread_id=thread_id, title=title)
         if thread is None:
             raise errors.NotFound("thread", str(thread_id))
@@ -172,7 +171,7 @@ class ChatService:
 
     async def delete_thread(self, p: Principal, thread_id: uuid.UUID) -> None:
         """Its messages go with it; a reply still generating stops at its next checkpoint."""
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             if not await repo.delete_thread(s, user_id=p.user_id, thread_id=thread_id):
                 raise errors.NotFound("thread", str(thread_id))
 
@@ -180,7 +179,7 @@ class ChatService:
         self, p: Principal, thread_id: uuid.UUID, *, page_size: int, page_token: str, all_branches: bool
     ) -> tuple[list[Message], str]:
         after = _decode_position_token(page_token)
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             if await repo.get_thread(s, p.user_id, thread_id) is None:
                 raise errors.NotFound("thread", str(thread_id))
             await self._gen.fail_expired(s, p.user_id, thread_id=thread_id)
@@ -251,7 +250,7 @@ class ChatService:
         setup.add_done_callback(_swallow)
 
         async def prepare(sent: asyncio.Future[_Started]) -> None:
-            async with self._db.transaction(p.user_id, p.session_id) as s:
+            async with self._db.driver_transaction(p.user_id, p.session_id) as s:
                 sent.set_result(await self._prepare_regenerate(s, p, reply_id, message_id, model))
 
         self._gen.spawn(reply_id, self._detached(prepare, setup))
@@ -262,7 +261,7 @@ class ChatService:
     async def watch(
         self, p: Principal, *, message_id: uuid.UUID, after_seq: int
     ) -> AsyncIterator[StreamEvent]:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             row = await repo.get_message(s, p.user_id, message_id)
         if row is None:
             raise errors.NotFound("message", str(message_id))
@@ -273,7 +272,7 @@ class ChatService:
 
     async def cancel(self, p: Principal, message_id: uuid.UUID) -> Message:
         """Stop a generation wherever it runs, and return the message once it is saved."""
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             await self._gen.fail_expired(s, p.user_id, message_id=message_id)
             row = await repo.get_message(s, p.user_id, message_id)
         if row is None:
@@ -292,7 +291,7 @@ class ChatService:
     async def submit_feedback(
         self, p: Principal, message_id: uuid.UUID, *, rating: int, comment: str
     ) -> Message:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             row = await repo.get_message(s, p.user_id, message_id)
             if row is None:
                 raise errors.NotFound("message", str(message_id))
@@ -309,7 +308,7 @@ class ChatService:
     async def export_threads(self, p: Principal) -> AsyncIterator[tuple[Thread, list[Message]]]:
         after = None
         while True:
-            async with self._db.transaction(p.user_id, p.session_id) as s:
+            async with self._db.driver_transaction(p.user_id, p.session_id) as s:
                 threads = await repo.threads_for_export(s, user_id=p.user_id, limit=EXPORT_PAGE, after=after)
                 messages = await repo.messages_of_threads(
                     s, user_id=p.user_id, thread_ids=[t.id for t in threads]
@@ -444,7 +443,7 @@ class ChatService:
 
     async def _prepare_regenerate(
         self,
-        s,
+        s: asyncpg.Connection,
         p: Principal,
         reply_id: uuid.UUID,
         message_id: uuid.UUID,
@@ -481,7 +480,7 @@ class ChatService:
 
     async def _plan(
         self,
-        s: AsyncSession | asyncpg.Connection,
+        s: asyncpg.Connection,
         p: Principal,
         thread: Thread,
         user_text: str,
@@ -496,7 +495,6 @@ class ChatService:
         used today and the stored preferences are read here unless the caller has them already."""
         if self._limits is not None:  # over the daily quota: refused, and the transaction rolls back
             if quota_used is None:
-                assert isinstance(s, AsyncSession)
                 quota_used = await self._limits.used_today(s, p.user_id, QUOTA_KIND)
             self._limits.check(p.user_id, QUOTA_KIND, self._settings.quota_daily_chat_tokens, used=quota_used)
         if preferences is None:

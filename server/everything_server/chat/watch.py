@@ -46,7 +46,7 @@ class Watcher:
         self._gen = generator
 
     async def _read(self, p: Principal, message_id: uuid.UUID, after_seq: int) -> tuple[Message, list[str]]:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             await self._gen.fail_expired(s, p.user_id, message_id=message_id)
             row = await repo.get_message(s, p.user_id, message_id)
             if row is None:
@@ -57,7 +57,7 @@ class Watcher:
         return row, batches
 
     async def _final(self, p: Principal, message_id: uuid.UUID) -> Message:
-        async with self._db.transaction(p.user_id, p.session_id) as s:
+        async with self._db.driver_transaction(p.user_id, p.session_id) as s:
             row = await repo.get_message(s, p.user_id, message_id)
         if row is None:
             raise errors.NotFound("message", str(message_id))

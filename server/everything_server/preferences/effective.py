@@ -12,10 +12,11 @@ import math
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import text
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from everything_server.config import Settings
+from everything_server.db.database import driver_of
 
 IMAGE_SIZES = ("256x256", "512x512", "1024x1024", "1024x1536", "1536x1024")
 SEARCH_PROVIDERS = ("searxng", "brave", "tavily", "history")
@@ -82,11 +83,10 @@ def data_sql(user: str) -> str:
     return f"SELECT data FROM preferences WHERE user_id = {user}"  # noqa: S608
 
 
-_DATA = text(data_sql(":u"))
+_DATA = data_sql("$1")
 
 
-async def load(session: AsyncSession, user_id: uuid.UUID, settings: Settings) -> Effective:
+async def load(db: AsyncSession | asyncpg.Connection, user_id: uuid.UUID, settings: Settings) -> Effective:
     """Read in the caller's transaction (one indexed lookup)."""
-    row = await session.execute(_DATA, {"u": user_id})
-    data = row.scalar_one_or_none() or {}
-    return resolve(data, settings)
+    data = await (await driver_of(db)).fetchval(_DATA, user_id)  # jsonb, decoded by the engine's codec
+    return resolve(data or {}, settings)
