@@ -96,7 +96,8 @@ _SEND = f"""
 # first seq, $10 them encoded) with their NOTIFY payloads ($11 channel, $12 payloads, in order,
 # delivered at commit), the thread's updated_at, and the cost added to today's quota ($13 kind, $14
 # tokens; 0: none). No row, and nothing written or announced, when the message was no longer
-# GENERATING (its lease ran out, its thread was deleted, or a retry finds it saved).
+# GENERATING (its lease ran out, its thread was deleted, or a retry finds it saved). `n` is read by
+# the last line because a CTE that modifies nothing runs only when read: once, and only for a row.
 _FINISH = f"""
     WITH f AS (
       UPDATE messages
@@ -490,15 +491,18 @@ async def finish(
 # Generations whose lease ran out, of user $1, in thread $3 or the message $3 (`_FAIL_EXPIRED`'s
 # key says which), marked FAILED ($2 the reason): seq grows by two for an (estimated) usage event and
 # the done event, which the caller stores.
-_FAIL_EXPIRED_SQL = f"""
-    UPDATE messages
-       SET status = '{FAILED}', seq = seq + 2, error_reason = $2, usage_estimated = true,
-           prompt_tokens = 0, completion_tokens = (length(content) + 3) / 4,
-           lease_expires_at = NULL, updated_at = now()
-     WHERE user_id = $1 AND status = '{GENERATING}' AND lease_expires_at < now() AND {{}} = $3
-    RETURNING {_MESSAGE_COLUMNS}
-"""  # noqa: S608
-_FAIL_EXPIRED = {"thread": _FAIL_EXPIRED_SQL.format("thread_id"), "message": _FAIL_EXPIRED_SQL.format("id")}
+def _fail_expired_sql(column: str) -> str:
+    return f"""
+        UPDATE messages
+           SET status = '{FAILED}', seq = seq + 2, error_reason = $2, usage_estimated = true,
+               prompt_tokens = 0, completion_tokens = (length(content) + 3) / 4,
+               lease_expires_at = NULL, updated_at = now()
+         WHERE user_id = $1 AND status = '{GENERATING}' AND lease_expires_at < now() AND {column} = $3
+        RETURNING {_MESSAGE_COLUMNS}
+    """  # noqa: S608
+
+
+_FAIL_EXPIRED = {"thread": _fail_expired_sql("thread_id"), "message": _fail_expired_sql("id")}
 
 
 async def fail_expired(

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -87,13 +86,13 @@ def columns(model: type, prefix: str = "") -> str:
     return ", ".join(f"{prefix}{c.name}" for c in model.__table__.columns)
 
 
-@functools.cache
+@cache
 def _manager(model: type) -> ClassManager:
     configure_mappers()  # what a model's first constructor call would do
     return manager_of_class(model)
 
 
-@functools.cache
+@cache
 def _names(model: type, prefix: str) -> tuple[tuple[str, str], ...]:
     """(attribute, column label in a driver row) for each of `model`'s columns."""
     return tuple((c.key, f"{prefix}{c.name}") for c in model.__table__.columns)
